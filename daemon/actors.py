@@ -1,0 +1,121 @@
+"""Thin Ray actors: they own state and lifecycle and call into plain code that runs without Ray.
+
+* ``IngestActor`` reads the interaction and control streams, validates entries, dead-letters bad
+  ones, and acknowledges what the driver tells it is durable. It declares no CPU (it waits on I/O).
+* ``LearnerActor`` wraps one :class:`daemon.lineage.LineageWorker` and declares the CPUs its torch
+  threads use, so two learners never fight over the same cores.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from daemon.config import Settings
+from daemon.schema import Interaction, Rejection, parse_entry
+from daemon.stream import GroupInfo, StreamConsumer, connect
+
+
+def setup_worker() -> None:
+    """Runs first in every Ray worker process (``runtime_env.worker_process_setup_hook``)."""
+    from learners._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@dataclass
+class PollResult:
+    interactions: list[Interaction] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+    controls: list[dict[str, str]] = field(default_factory=list)
+    read: int = 0
+
+
+def interaction_fields(it: Interaction) -> dict[str, str]:
+    """The stream fields an interaction came from (for dead-lettering after validation)."""
+    out = {"prompt": it.prompt, "response": it.response, "lineage": it.lineage, "reward": repr(it.reward),
+           "id": it.id}
+    if it.meta:
+        out["meta"] = json.dumps(it.meta)
+    return out
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class IngestActor:
+    def __init__(self, settings: Settings, redis_url: str, consumer: str) -> None:
+        self.s = settings
+        self.r = connect(redis_url)
+        self.consumer = StreamConsumer(self.r, settings.stream, settings.group, consumer, settings.claim_idle_ms)
+        self.control = StreamConsumer(self.r, settings.control_stream, settings.group, consumer, settings.claim_idle_ms)
+        self.consumer.ensure_group()
+        self.control.ensure_group()
+        self._inflight: set[str] = set()
+        self._lock = threading.Lock()
+
+    def poll(self, max_items: int) -> PollResult:
+        res = PollResult()
+        for eid, fields in self.control.read(16, 1):
+            res.controls.append({k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                                 for k, v in fields.items()})
+            self.control.ack([eid])
+        with self._lock:
+            skip = set(self._inflight)
+        entries = self.consumer.read(max(1, min(max_items, self.s.read_count)), self.s.read_block_ms, skip)
+        res.read = len(entries)
+        for eid, fields in entries:
+            parsed = parse_entry(eid, fields, self.s.max_entry_bytes)
+            if isinstance(parsed, Rejection):
+                self.consumer.dead_letter(eid, fields, parsed.reason, parsed.detail)
+                res.rejected[parsed.reason] = res.rejected.get(parsed.reason, 0) + 1
+            else:
+                res.interactions.append(parsed)
+        with self._lock:
+            self._inflight.update(it.entry_id for it in res.interactions)
+        return res
+
+    def ack(self, entry_ids: list[str]) -> int:
+        n = self.consumer.ack(entry_ids)
+        with self._lock:
+            self._inflight.difference_update(entry_ids)
+        return n
+
+    def dead_letter(self, it: Interaction, reason: str, detail: str) -> None:
+        fields = {k.encode(): v.encode() for k, v in interaction_fields(it).items()}
+        self.consumer.dead_letter(it.entry_id, fields, reason, detail)
+        with self._lock:
+            self._inflight.discard(it.entry_id)
+
+    def info(self) -> GroupInfo:
+        return self.consumer.info()
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, settings: Settings, lineage: str, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        from daemon.lineage import LineageWorker
+
+        self.worker = LineageWorker(settings, lineage)
+        self.node = socket.gethostname()
+        self.pid = os.getpid()
+
+    def learn(self, interactions: list[Interaction]):
+        return self.worker.learn(interactions)
+
+    def reduce(self, trigger: str):
+        return self.worker.reduce(trigger)
+
+    def window_size(self) -> int:
+        return self.worker.window_size()
+
+    def status(self) -> dict:
+        return {**self.worker.status(), "node": self.node, "pid": self.pid, "time": time.time()}

@@ -1,0 +1,382 @@
+"""``cascade``: run the daemon, feed it, watch it, and steer it (see CONTRACT.md for the contract)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from daemon.config import Settings, SettingsError, load_settings
+from daemon.registry import GEN_RE, Registry, RegistryError, read_json
+
+log = logging.getLogger("cascade.cli")
+MAX_JSONL_LINE = 1 << 20
+
+
+class CliError(Exception):
+    """One sentence for stderr; exit code 1."""
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+               "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(settings: Settings | None, level=logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings is not None and settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:
+        pass
+
+
+class RedisHandle:
+    """A client for the configured Redis, starting the embedded one for the duration if needed."""
+
+    def __init__(self, settings: Settings) -> None:
+        from daemon.embedded_redis import EmbeddedRedis
+        from daemon.stream import connect
+
+        self.embedded = None
+        url = settings.redis_url
+        if url is None:
+            self.embedded = EmbeddedRedis(settings.home).start()
+            url = self.embedded.url
+        self.r = connect(url)
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def read_jsonl(path: Path, lineage: str | None) -> list[dict[str, str]]:
+    """Stream fields for each record of a JSONL file; raises CliError naming the bad line."""
+    if not path.is_file():
+        raise CliError(f"{path} does not exist")
+    out = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if len(line) > MAX_JSONL_LINE:
+                raise CliError(f"{path}:{n}: line is longer than {MAX_JSONL_LINE} bytes")
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                raise CliError(f"{path}:{n}: not valid JSON") from None
+            if not isinstance(rec, dict):
+                raise CliError(f"{path}:{n}: each line must be a JSON object")
+            if "text" in rec and "response" not in rec:
+                rec = {**{k: v for k, v in rec.items() if k != "text"}, "prompt": "", "response": rec["text"]}
+            if not isinstance(rec.get("response"), str):
+                raise CliError(f"{path}:{n}: needs a string 'response' (or 'text')")
+            fields = {}
+            for k, v in rec.items():
+                if k == "meta":
+                    fields[k] = json.dumps(v)
+                elif isinstance(v, (str, int, float)) and not isinstance(v, bool):
+                    fields[k] = str(v)
+                else:
+                    raise CliError(f"{path}:{n}: field {k!r} must be a string or number")
+            fields.setdefault("prompt", "")
+            if lineage:
+                fields["lineage"] = lineage
+            out.append(fields)
+    return out
+
+
+def lineage_rows(registry: Registry) -> list[dict]:
+    rows = []
+    for name in registry.lineages():
+        d = registry.lineage(name)
+        gen = d.current()
+        card = d.card(gen)
+        state = d.live_state() or {}
+        rows.append({"lineage": name, "generation": gen, "n_params": card["n_params"],
+                     "update_steps": state.get("update_steps", 0),
+                     "interactions_learned": state.get("interactions_learned", 0),
+                     "heldout_loss": state.get("heldout_loss", {}), "live_base": state.get("base"),
+                     "updated_at": state.get("updated_at")})
+    return rows
+
+
+def generation_tree(registry: Registry, only: str | None = None) -> list[dict]:
+    nodes = []
+    for name in registry.lineages():
+        if only and name != only:
+            continue
+        d = registry.lineage(name)
+        current = d.current()
+        for gen in d.generations():
+            card = d.card(gen)
+            ev = card.get("eval") or {}
+            ppl = {k: v.get("perplexity") for k, v in ev.items() if isinstance(v, dict)}
+            nodes.append({"id": f"{name}/{gen}", "lineage": name, "generation": card["generation"],
+                          "parent": card.get("parent"), "n_params": card["n_params"], "current": gen == current,
+                          "created_at": card.get("created_at"), "perplexity": ppl})
+    return nodes
+
+
+def daemon_running(settings: Settings) -> bool:
+    pidfile = settings.home / "daemon.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+# -- commands -----------------------------------------------------------------------------------------
+def cmd_run(args, settings: Settings) -> int:
+    from daemon.service import Daemon
+
+    daemon = Daemon(settings)
+    pidfile = settings.home / "daemon.pid"
+    try:
+        daemon.start()
+        daemon.install_signal_handlers()  # after ray.init, which installs handlers of its own
+        pidfile.write_text(str(os.getpid()))
+        daemon.run()
+    finally:
+        daemon.stop()
+        pidfile.unlink(missing_ok=True)
+    return 0
+
+
+def cmd_publish(args, settings: Settings) -> int:
+    records = read_jsonl(Path(args.file), args.lineage)
+    h = RedisHandle(settings)
+    try:
+        pipe = h.r.pipeline(transaction=False)
+        for i, fields in enumerate(records, 1):
+            pipe.xadd(settings.stream, fields)
+            if i % 1000 == 0:
+                pipe.execute()
+        pipe.execute()
+    finally:
+        h.close()
+    print(f"published {len(records)} interactions to {settings.stream}")
+    return 0
+
+
+def cmd_status(args, settings: Settings) -> int:
+    from daemon.stream import group_info
+
+    registry = Registry(settings.registry_root)
+    h = RedisHandle(settings)
+    try:
+        info = group_info(h.r, settings.stream, settings.group)
+        dead = h.r.xlen(settings.dead_stream)
+    finally:
+        h.close()
+    doc = {"stream": settings.stream, "group": settings.group, "length": info.length, "lag": info.lag,
+           "pending": info.pending, "dead_letters": dead, "daemon_running": daemon_running(settings),
+           "lineages": lineage_rows(registry)}
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"stream {doc['stream']} (group {doc['group']}): length {info.length}  lag {info.lag}  "
+          f"pending {info.pending}  dead letters {dead}  daemon {'running' if doc['daemon_running'] else 'stopped'}")
+    print(f"{'lineage':<16}{'generation':<12}{'parameters':>14}{'steps':>9}{'learned':>10}  held-out loss")
+    for r in doc["lineages"]:
+        ho = " ".join(f"{k}={v:.3f}" for k, v in r["heldout_loss"].items()) or "-"
+        print(f"{r['lineage']:<16}{r['generation']:<12}{r['n_params']:>14,}{r['update_steps']:>9}"
+              f"{r['interactions_learned']:>10}  {ho}")
+    return 0
+
+
+def cmd_generations(args, settings: Settings) -> int:
+    nodes = generation_tree(Registry(settings.registry_root), args.lineage)
+    if args.json:
+        print(json.dumps({"generations": nodes}, indent=1))
+        return 0
+    if not nodes:
+        raise CliError("the registry has no generations yet (start the daemon once)")
+    children: dict[str | None, list[dict]] = {}
+    ids = {n["id"] for n in nodes}
+    for n in nodes:
+        children.setdefault(n["parent"] if n["parent"] in ids else None, []).append(n)
+
+    def show(n, prefix: str, last: bool, root: bool) -> None:
+        ppl = " ".join(f"ppl[{k}]={v:.2f}" for k, v in n["perplexity"].items() if v)
+        mark = " (current)" if n["current"] else ""
+        branch = "" if root else ("└── " if last else "├── ")
+        print(f"{prefix}{branch}{n['id']}  {n['n_params']:,} params{mark}{'  ' + ppl if ppl else ''}")
+        kids = children.get(n["id"], [])
+        for i, k in enumerate(kids):
+            show(k, prefix + ("" if root else ("    " if last else "│   ")), i == len(kids) - 1, False)
+
+    for r in children.get(None, []):
+        show(r, "", True, True)
+    return 0
+
+
+def cmd_eval(args, settings: Settings) -> int:
+    import torch  # noqa: F401
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from learners.data import Example
+    from learners.update import evaluate_loss, load_causal_lm
+
+    registry = Registry(settings.registry_root)
+    target = Path(args.target)
+    adapter = None
+    if (target / "config.json").is_file():
+        model_dir = target
+    else:
+        try:
+            d = registry.lineage(args.target)
+            model_dir = d.current_dir()
+        except RegistryError as e:
+            raise CliError(f"{args.target!r} is neither a model directory nor a lineage ({e})") from None
+        state = d.live_state()
+        if state and state.get("base") == d.current():
+            adapter = d.live_target()
+    records = read_jsonl(Path(args.data), None)
+    examples = [Example(id=str(i), prompt=r.get("prompt", ""), response=r["response"]) for i, r in enumerate(records)]
+    if not examples:
+        raise CliError(f"{args.data} has no records")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = load_causal_lm(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    loss = evaluate_loss(model, tok, examples, settings.max_seq_len, settings.batch_size)
+    doc = {"target": args.target, "model": str(model_dir), "adapter": str(adapter) if adapter else None,
+           "records": len(examples), "loss": loss, "perplexity": math.exp(loss)}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(f"{args.target}: loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} over {len(examples)} records")
+    return 0
+
+
+def send_control(settings: Settings, fields: dict[str, str]) -> None:
+    h = RedisHandle(settings)
+    try:
+        h.r.xadd(settings.control_stream, fields)
+    finally:
+        h.close()
+
+
+def cmd_reduce(args, settings: Settings) -> int:
+    from daemon.registry import check_lineage
+
+    check_lineage(args.lineage)
+    if not Registry(settings.registry_root).lineage(args.lineage).exists():
+        raise CliError(f"lineage {args.lineage!r} does not exist")
+    send_control(settings, {"command": "reduce", "lineage": args.lineage})
+    print(f"asked the daemon to reduce lineage {args.lineage}")
+    return 0
+
+
+def cmd_simple_control(args, settings: Settings) -> int:
+    send_control(settings, {"command": args.cmd})
+    print(f"sent {args.cmd}")
+    return 0
+
+
+def cmd_fork(args, settings: Settings) -> int:
+    from daemon.forking import fork_lineage
+    from daemon.registry import check_lineage
+
+    registry = Registry(settings.registry_root)
+    check_lineage(args.to)
+    registry.resolve_generation(args.source)
+    if daemon_running(settings):
+        send_control(settings, {"command": "fork", "from": args.source, "to": args.to})
+        print(f"asked the daemon to fork {args.source} into lineage {args.to}")
+    else:
+        print(f"forked {args.source} into {fork_lineage(registry, args.source, args.to)}")
+    return 0
+
+
+def cmd_demo(args, settings: Settings) -> int:
+    from daemon.demo import run_demo
+
+    return run_demo(settings)
+
+
+# -- entry point --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cascade", description="Continual learning daemon for language models.")
+    p.add_argument("--config", help="TOML settings file (also CASCADE_CONFIG)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("run", help="the daemon, in the foreground")
+    s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("demo", help="embedded defaults end to end; ends when generation 1 is promoted")
+    s.set_defaults(fn=cmd_demo)
+    s = sub.add_parser("publish", help="XADD a JSONL file of interactions")
+    s.add_argument("file")
+    s.add_argument("--lineage")
+    s.set_defaults(fn=cmd_publish)
+    s = sub.add_parser("status", help="stream lag/pending and per-lineage state")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    s = sub.add_parser("generations", help="the lineage tree")
+    s.add_argument("--lineage")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_generations)
+    s = sub.add_parser("eval", help="held-out loss of a generation dir or a lineage's live model")
+    s.add_argument("target")
+    s.add_argument("--data", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("reduce", help="ask the running daemon to reduce a lineage now")
+    s.add_argument("--lineage", required=True)
+    s.set_defaults(fn=cmd_reduce)
+    s = sub.add_parser("fork", help="start a successor lineage from a precursor generation")
+    s.add_argument("--from", dest="source", required=True)
+    s.add_argument("--to", required=True)
+    s.set_defaults(fn=cmd_fork)
+    for name in ("pause", "resume"):
+        s = sub.add_parser(name, help=f"{name} learning in the running daemon")
+        s.set_defaults(fn=cmd_simple_control)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        setup_logging(settings, logging.INFO if args.cmd in ("run", "demo") else logging.WARNING)
+        return args.fn(args, settings)
+    except (SettingsError, CliError, RegistryError) as e:
+        print(f"cascade: {e}", file=sys.stderr)
+        return 2 if isinstance(e, SettingsError) else 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one sentence for the operator, not a traceback
+        import redis
+
+        if isinstance(e, redis.ConnectionError):
+            print(f"cascade: cannot reach Redis: {e}", file=sys.stderr)
+        else:
+            print(f"cascade: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Settings: one pydantic-settings model, read from ``CASCADE_*`` environment variables, a TOML file
+(``--config FILE`` or ``CASCADE_CONFIG``; keys are the names below without the prefix, e.g.
+``batch_size = 8``), or the defaults. Environment beats the file. A bad value stops the daemon at
+start with a message naming the setting, e.g. ``invalid setting CASCADE_REPLAY_RATIO: ...``.
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from learners.update import ALL_CONSTRAINTS, UpdateConfig
+from policies.reduction import ReductionPolicy
+
+_toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cascade_toml", default=None)
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="forbid", validate_default=True)
+
+    # -- where things are ------------------------------------------------------------------------
+    home: Path = Field(Path("./.cascade"), description="state root: registry, checkpoints, replay, embedded Redis")
+    redis_url: str | None = Field(None, description="Redis to read from; unset = embedded Redis under home")
+    ray_address: str | None = Field(None, description="existing Ray cluster (ray://... or auto); unset = local Ray")
+    stream: str = Field("cascade:interactions", min_length=1, max_length=256)
+    group: str = Field("cascade", min_length=1, max_length=256)
+    base_model: Path | None = Field(None, description="generation 0 of lineage main; unset = embedded SmolLM2-135M")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9477, ge=0, le=65535)
+
+    # -- the update step -------------------------------------------------------------------------
+    batch_size: int = Field(8, ge=1, le=1024, description="rows per optimizer step, new + replayed")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    max_seq_len: int = Field(256, ge=8, le=8192)
+    lora_rank: int = Field(16, ge=1, le=512)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype of the learner on CPU")
+    window_steps: int = Field(4, ge=1, le=1000, description="optimizer steps per update window (one gate check)")
+
+    # -- keeping what it knew --------------------------------------------------------------------
+    replay_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="share of each batch drawn from replay")
+    replay_capacity: int = Field(2000, ge=0, le=10_000_000)
+    replay_max_bytes: int = Field(64 << 20, ge=0)
+    constraints: str = Field("replay,anchor,distill,clip", description="'none' or a comma list of " + ",".join(sorted(ALL_CONSTRAINTS)))
+    anchor_weight: float = Field(1.0, ge=0)
+    distill_weight: float = Field(0.5, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gate: bool = Field(True, description="on/off: the held-out check that rolls an update back")
+    gate_step_budget: float = Field(0.05, gt=0, description="nats a held-out source may rise in one window")
+    gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best")
+    heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of interactions kept out of training")
+    heldout_per_domain: int = Field(32, ge=1, le=10_000)
+
+    # -- reduction -------------------------------------------------------------------------------
+    reduce_every: int = Field(2000, ge=0, description="interactions per lineage between reductions; 0 = on command")
+    reduce_keep: float = Field(0.7, gt=0, le=1, description="share of non-embedding parameters a reduction keeps")
+    reduce_budget: float = Field(1.15, ge=1, description="allowed held-out perplexity ratio after/before reduction")
+    heal_steps: int = Field(20, ge=0, le=100_000)
+    calibration_items: int = Field(64, ge=1, le=100_000, description="examples scored for importance and healing")
+
+    # -- the service -----------------------------------------------------------------------------
+    max_entry_bytes: int = Field(64 * 1024, ge=256, le=64 << 20)
+    read_count: int = Field(256, ge=1, le=100_000, description="entries per XREADGROUP")
+    read_block_ms: int = Field(500, ge=1, le=60_000)
+    claim_idle_ms: int = Field(60_000, ge=100, description="pending entries idle this long are reclaimed")
+    max_buffered: int = Field(512, ge=1, description="entries read but not yet learned, per lineage, before reading pauses")
+    unknown_lineage: Literal["dead_letter", "fork"] = "dead_letter"
+    learner_cpus: float = Field(0, ge=0, description="CPUs each learner actor declares; 0 = all of this machine's")
+    seed: int = 0
+    log_format: Literal["text", "json"] = "text"
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        sources = [init_settings, env_settings]
+        path = _toml_file.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        if isinstance(v, str):
+            s = v.strip().lower()
+            if s in ("on", "true", "1", "yes"):
+                return True
+            if s in ("off", "false", "0", "no"):
+                return False
+            raise ValueError("must be 'on' or 'off'")
+        return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints(cls, v: str) -> str:
+        items = [c.strip() for c in v.split(",") if c.strip()]
+        if items == ["none"]:
+            return "none"
+        unknown = [c for c in items if c not in ALL_CONSTRAINTS]
+        if unknown or not items:
+            raise ValueError(f"unknown constraint(s) {unknown or v!r}; use 'none' or a comma list of {sorted(ALL_CONSTRAINTS)}")
+        return ",".join(sorted(set(items)))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v):
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v):
+        if v is not None and v != "auto" and not v.startswith("ray://") and ":" not in v:
+            raise ValueError("must be 'auto', ray://HOST:PORT or HOST:PORT")
+        return v
+
+    @model_validator(mode="after")
+    def _base_model_exists(self):
+        if self.base_model is not None and not (self.base_model / "config.json").is_file():
+            raise ValueError(f"CASCADE_BASE_MODEL: {self.base_model} is not a model directory (no config.json)")
+        return self
+
+    # -- views used by the rest of the system --------------------------------------------------------
+    @property
+    def constraint_set(self) -> frozenset[str]:
+        return frozenset() if self.constraints == "none" else frozenset(self.constraints.split(","))
+
+    def update_config(self) -> UpdateConfig:
+        return UpdateConfig(lora_rank=self.lora_rank, learning_rate=self.learning_rate, batch_size=self.batch_size,
+                            max_seq_len=self.max_seq_len, replay_ratio=self.replay_ratio,
+                            constraints=self.constraint_set, anchor_weight=self.anchor_weight,
+                            distill_weight=self.distill_weight, max_grad_norm=self.max_grad_norm,
+                            bf16=self.precision == "bf16", seed=self.seed)
+
+    def reduction_policy(self) -> ReductionPolicy:
+        return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)
+
+    @property
+    def registry_root(self) -> Path:
+        return self.home / "registry"
+
+    @property
+    def control_stream(self) -> str:
+        return "cascade:control"
+
+    @property
+    def generations_stream(self) -> str:
+        return "cascade:generations"
+
+    @property
+    def dead_stream(self) -> str:
+        return f"{self.stream}:dead"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides) -> Settings:
+    """Settings from the environment, ``config_file`` (or ``CASCADE_CONFIG``) and defaults.
+
+    Raises :class:`SettingsError` naming the first bad setting.
+    """
+    path = config_file or os.environ.get("CASCADE_CONFIG")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SettingsError(f"config file {path} does not exist")
+    token = _toml_file.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        where = f"CASCADE_{name.upper()}" if name else "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "no such setting"
+        raise SettingsError(f"invalid setting {where}: {msg} (got {err.get('input')!r})") from None
+    except (ValueError, OSError) as e:  # e.g. a TOML syntax error
+        raise SettingsError(f"invalid config file {path}: {e}") from None
+    finally:
+        _toml_file.reset(token)

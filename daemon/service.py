@@ -1,0 +1,364 @@
+"""The daemon: settings in, Ray and Redis up, actors supervised, metrics served, signals obeyed.
+
+The driver loop is the only place that knows about every lineage. It keeps one poll of the
+ingest actor in flight, a bounded buffer of validated interactions per lineage, and at most one
+call (a learn window or a reduction) in flight per learner. It acknowledges entries only when a
+learner's report says they are durable, and it publishes promoted generations.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from daemon.config import Settings
+from daemon.embedded_redis import EmbeddedRedis
+from daemon.foundation import ensure_foundation
+from daemon.metrics import Metrics, MetricsServer
+from daemon.registry import GEN_RE, Registry, check_lineage
+from daemon.schema import Interaction
+from daemon.stream import connect
+
+log = logging.getLogger("cascade.daemon")
+
+
+def package_version() -> str:
+    try:
+        return version("cascade-lm")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def stream_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+@dataclass
+class Job:
+    lineage: str
+    kind: str  # "learn" or "reduce"
+    started: float
+    payload: object = None
+
+
+class Daemon:
+    """Start with :meth:`start`, drive with :meth:`run` (until :meth:`request_stop`), then :meth:`stop`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.registry = Registry(settings.registry_root)
+        self.metrics = Metrics(package_version())
+        self.embedded: EmbeddedRedis | None = None
+        self.redis_url = settings.redis_url
+        self._stop = threading.Event()
+        self._ray_started = False
+        self.server: MetricsServer | None = None
+        self.ingest = None
+        self.learners: dict[str, object] = {}
+        self.window: dict[str, int] = {}
+        self.buffers: dict[str, collections.deque[Interaction]] = collections.defaultdict(collections.deque)
+        self.jobs: dict[object, Job] = {}
+        self.reduce_requests: dict[str, str] = {}
+        self.paused = False
+        self.redis_ok = False
+        self.last_report: dict[str, dict] = {}
+        self.generations_promoted = 0
+        self.on_generation = None  # optional callback(lineage, card)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> "Daemon":
+        s = self.s
+        s.home.mkdir(parents=True, exist_ok=True)
+        if s.metrics_host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("CASCADE_METRICS_HOST=%s exposes /metrics and /healthz beyond this machine", s.metrics_host)
+        if self.redis_url is None:
+            self.embedded = EmbeddedRedis(s.home).start()
+            self.redis_url = self.embedded.url
+            log.info("embedded Redis on %s", self.embedded.socket)
+        self.redis = connect(self.redis_url)
+        self.redis.ping()
+        self.redis_ok = True
+        ensure_foundation(self.registry.lineage("main"), s.base_model)
+        self._start_ray()
+        self.server = MetricsServer(self.metrics, s.metrics_host, s.metrics_port, self.health).start()
+        log.info("metrics on http://%s:%d/metrics", s.metrics_host, self.server.port)
+        from daemon.actors import IngestActor
+
+        consumer = f"cascade-{socket.gethostname()}"
+        self.ingest = IngestActor.remote(s, self.redis_url, consumer)
+        for lineage in self.registry.lineages():
+            self._learner(lineage)
+        return self
+
+    def _start_ray(self) -> None:
+        import ray
+
+        runtime_env = {"worker_process_setup_hook": "daemon.actors.setup_worker",
+                       "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+        if ray.is_initialized():
+            return
+        if self.s.ray_address:
+            ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        else:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20,
+                     _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
+                     configure_logging=False)
+            self._ray_started = True
+
+    def _learner(self, lineage: str):
+        if lineage in self.learners:
+            return self.learners[lineage]
+        import ray
+
+        from daemon.actors import LearnerActor
+
+        total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        cpus = self.s.learner_cpus or total
+        threads = max(1, int(cpus))
+        actor = LearnerActor.options(num_cpus=cpus, name=f"cascade-learner-{lineage}",
+                                     max_restarts=-1, max_task_retries=0).remote(self.s, lineage, threads)
+        self.learners[lineage] = actor
+        self.window[lineage] = ray.get(actor.window_size.remote())
+        self._refresh_lineage_gauges(lineage)
+        return actor
+
+    def _refresh_lineage_gauges(self, lineage: str) -> None:
+        d = self.registry.lineage(lineage)
+        gen = d.current()
+        card = d.card(gen)
+        self.metrics.generation.labels(lineage).set(int(GEN_RE.match(gen).group(1)))
+        self.metrics.parameters.labels(lineage).set(card["n_params"])
+
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def stop(self, grace_s: float = 300.0) -> None:
+        """Finish learn windows in flight (acknowledging what they made durable), abandon the rest."""
+        import ray
+
+        deadline = time.monotonic() + grace_s
+        while self.jobs and time.monotonic() < deadline:
+            learn_refs = [r for r, j in self.jobs.items() if j.kind == "learn"]
+            if not learn_refs:
+                break
+            ready, _ = ray.wait(learn_refs, num_returns=1, timeout=1.0)
+            for ref in ready:
+                self._handle(ref)
+        for actor in self.learners.values():
+            ray.kill(actor, no_restart=True)
+        if self.ingest is not None:
+            ray.kill(self.ingest, no_restart=True)
+        if self.server:
+            self.server.stop()
+        if self._ray_started:
+            ray.shutdown()
+        if self.embedded:
+            self.embedded.stop()
+        log.info("stopped")
+
+    # -- health ----------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return {"status": "ok" if self.redis_ok else "degraded", "redis": self.redis_ok,
+                "paused": self.paused, "lineages": sorted(self.learners),
+                "jobs": [{"lineage": j.lineage, "kind": j.kind, "seconds": round(time.monotonic() - j.started, 1)}
+                         for j in self.jobs.values()]}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> None:
+        import ray
+
+        poll_ref = None
+        info_ref, next_info = None, 0.0
+        drained = False
+        while not self._stop.is_set():
+            buffered = sum(len(b) for b in self.buffers.values())
+            room = self.s.max_buffered * max(1, len(self.learners)) - buffered
+            if poll_ref is None and room > 0:
+                poll_ref = self.ingest.poll.remote(room)
+            if info_ref is None and time.monotonic() >= next_info:
+                info_ref, next_info = self.ingest.info.remote(), time.monotonic() + 2.0
+            refs = [r for r in (poll_ref, info_ref) if r is not None] + list(self.jobs)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.5) if refs else ([], [])
+            for ref in ready:
+                if ref is poll_ref:
+                    poll_ref = None
+                    drained = self._on_poll(ref)
+                elif ref is info_ref:
+                    info_ref = None
+                    self._on_info(ref)
+                else:
+                    self._handle(ref)
+            self._dispatch(drained)
+
+    def _on_poll(self, ref) -> bool:
+        import ray
+
+        try:
+            res = ray.get(ref)
+            self.redis_ok = True
+            self.metrics.up.set(1)
+        except Exception as e:  # Redis unreachable: back off, the next poll retries
+            self.redis_ok = False
+            self.metrics.up.set(0)
+            log.warning("reading the stream failed: %s", e)
+            time.sleep(1.0)
+            return False
+        for reason, n in res.rejected.items():
+            self.metrics.rejected.labels(reason).inc(n)
+        for cmd in res.controls:
+            self._control(cmd)
+        for it in res.interactions:
+            if it.lineage not in self.learners and not self._admit_lineage(it):
+                continue
+            self.metrics.received.labels(it.lineage).inc()
+            self.buffers[it.lineage].append(it)
+        return res.read == 0
+
+    def _admit_lineage(self, it: Interaction) -> bool:
+        d = self.registry.lineage(it.lineage)
+        if not d.exists():
+            if self.s.unknown_lineage == "fork":
+                from daemon.forking import fork_lineage
+
+                fork_lineage(self.registry, f"main/{self.registry.lineage('main').current()}", it.lineage)
+            else:
+                self.ingest.dead_letter.remote(it, "unknown_lineage",
+                                               f"lineage {it.lineage!r} does not exist (fork it first)")
+                self.metrics.rejected.labels("unknown_lineage").inc()
+                return False
+        self._learner(it.lineage)
+        return True
+
+    def _on_info(self, ref) -> None:
+        import ray
+
+        try:
+            info = ray.get(ref)
+        except Exception:
+            return
+        self.metrics.lag.labels(self.s.stream, self.s.group).set(info.lag)
+        self.metrics.pending.labels(self.s.stream, self.s.group).set(info.pending)
+
+    def _control(self, cmd: dict[str, str]) -> None:
+        name = cmd.get("command", "")
+        log.info("control: %s", cmd)
+        if name == "pause":
+            self.paused = True
+        elif name == "resume":
+            self.paused = False
+        elif name == "reduce":
+            lineage = cmd.get("lineage", "main")
+            if lineage in self.learners or self.registry.lineage(lineage).exists():
+                self._learner(lineage)
+                self.reduce_requests[lineage] = "command"
+            else:
+                log.warning("control: reduce of unknown lineage %r ignored", lineage)
+        elif name == "fork":
+            from daemon.forking import fork_lineage
+
+            try:
+                fork_lineage(self.registry, cmd.get("from", ""), check_lineage(cmd.get("to", "")))
+                self._learner(cmd["to"])
+            except Exception as e:
+                log.warning("control: fork failed: %s", e)
+        else:
+            log.warning("control: unknown command %r ignored", name)
+        self.metrics.paused.set(1 if self.paused else 0)
+
+    def _dispatch(self, drained: bool) -> None:
+        busy = {j.lineage for j in self.jobs.values()}
+        for lineage, actor in self.learners.items():
+            if lineage in busy:
+                continue
+            if lineage in self.reduce_requests:
+                trigger = self.reduce_requests.pop(lineage)
+                self.jobs[actor.reduce.remote(trigger)] = Job(lineage, "reduce", time.monotonic())
+                continue
+            buf = self.buffers[lineage]
+            if self.paused or not buf:
+                continue
+            n = self.window[lineage]
+            if len(buf) >= n or drained:
+                batch = [buf.popleft() for _ in range(min(n, len(buf)))]
+                self.jobs[actor.learn.remote(batch)] = Job(lineage, "learn", time.monotonic(), batch)
+
+    def _handle(self, ref) -> None:
+        import ray
+
+        job = self.jobs.pop(ref)
+        try:
+            rep = ray.get(ref)
+        except Exception as e:
+            # The learner died (or raised): nothing of this window was acknowledged; its entries
+            # stay pending in Redis and are re-read after the actor restarts from its checkpoint.
+            log.error("lineage %s: %s failed: %s", job.lineage, job.kind, e)
+            if job.kind == "learn":
+                self.buffers[job.lineage].extendleft(reversed(job.payload))
+            else:
+                self.metrics.reductions.labels(job.lineage, "failed").inc()
+            return
+        if job.kind == "learn":
+            self._on_learned(rep)
+        else:
+            self._on_reduced(rep)
+
+    def _on_learned(self, rep) -> None:
+        m, lin = self.metrics, rep.lineage
+        acked = ray_get_ack(self.ingest, rep.ack)
+        now_ms = time.time() * 1000
+        for eid in rep.ack:
+            m.ingest_to_learn.observe(max(0.0, (now_ms - stream_ms(eid)) / 1000))
+        m.learned.labels(lin).inc(rep.learned)
+        m.duplicate.labels(lin).inc(rep.duplicates)
+        m.heldout_added.labels(lin).inc(rep.heldout_added)
+        m.steps.labels(lin).inc(rep.steps)
+        m.update_seconds.observe(rep.update_seconds)
+        if rep.steps:
+            m.train_loss.labels(lin).set(rep.train_loss)
+        for d, v in rep.heldout.items():
+            m.heldout_loss.labels(lin, d).set(v)
+        m.forgetting.labels(lin).set(rep.forgetting)
+        m.replay_items.labels(lin).set(rep.replay_items)
+        if rep.rollback:
+            m.rollbacks.labels(lin, rep.rollback).inc()
+        self.last_report[lin] = {"learned": rep.learned, "train_loss": rep.train_loss, "acked": acked}
+        if rep.reduce_due and lin not in self.reduce_requests:
+            self.reduce_requests[lin] = "every"
+
+    def _on_reduced(self, rep) -> None:
+        self.metrics.reductions.labels(rep.lineage, rep.outcome).inc()
+        self.metrics.reduction_seconds.observe(rep.seconds)
+        if rep.outcome != "promoted":
+            log.warning("lineage %s: reduction %s: %s", rep.lineage, rep.outcome, rep.detail[:500])
+            return
+        path = self.registry.lineage(rep.lineage).path / rep.generation
+        self.redis.xadd(self.s.generations_stream, {
+            "lineage": rep.lineage, "generation": rep.generation, "path": str(path.resolve()),
+            "parent": rep.card["parent"] or "", "n_params": rep.n_params_after, "card": json.dumps(rep.card)})
+        self._refresh_lineage_gauges(rep.lineage)
+        self.generations_promoted += 1
+        log.info("lineage %s: generation %s promoted (%d -> %d parameters)", rep.lineage, rep.generation,
+                 rep.n_params_before, rep.n_params_after)
+        if self.on_generation:
+            self.on_generation(rep.lineage, rep.card)
+
+
+def ray_get_ack(ingest, entry_ids: list[str]) -> int:
+    import ray
+
+    return ray.get(ingest.ack.remote(entry_ids)) if entry_ids else 0

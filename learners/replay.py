@@ -1,0 +1,134 @@
+"""A bounded replay store that keeps every source of the stream represented.
+
+Plain reservoir sampling over a stream drifting across domains lets the newest domain crowd out
+the old ones in proportion to its volume. ``ReplayBuffer`` keeps one reservoir per source
+(``Example.domain``) and splits the capacity evenly between the sources seen so far, so an old
+domain keeps its share however long the stream stays on a new one. Within a source, reservoir
+sampling keeps a uniform sample of everything that source ever sent.
+
+The store is bounded in items (``capacity``) and in UTF-8 bytes (``max_bytes``), and round-trips
+through plain JSON (:meth:`to_json` / :meth:`from_json`), so it persists without pickling.
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from learners.data import Example
+
+
+def _size(ex: Example) -> int:
+    return len(ex.prompt.encode()) + len(ex.response.encode()) + 64
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, max_bytes: int = 64 << 20, seed: int = 0) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._rng = random.Random(seed)
+        self._items: dict[str, list[Example]] = {}
+        self._seen: dict[str, int] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._items.values())
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def domains(self) -> dict[str, int]:
+        """Items kept per source."""
+        return {d: len(v) for d, v in self._items.items()}
+
+    def _quota(self) -> int:
+        return max(1, self.capacity // max(1, len(self._items)))
+
+    def add(self, ex: Example) -> None:
+        if self.capacity == 0:
+            return
+        d = ex.domain
+        if d not in self._items:
+            self._items[d] = []
+            self._seen[d] = 0
+            self._shrink_to_quota()
+        self._seen[d] += 1
+        bucket = self._items[d]
+        if len(bucket) < self._quota():
+            bucket.append(ex)
+            self._bytes += _size(ex)
+        else:
+            j = self._rng.randrange(self._seen[d])
+            if j < len(bucket):
+                self._bytes += _size(ex) - _size(bucket[j])
+                bucket[j] = ex
+        self._enforce_bytes()
+
+    def extend(self, examples: Sequence[Example]) -> None:
+        for ex in examples:
+            self.add(ex)
+
+    def _drop_random(self, d: str) -> None:
+        bucket = self._items[d]
+        ex = bucket.pop(self._rng.randrange(len(bucket)))
+        self._bytes -= _size(ex)
+
+    def _shrink_to_quota(self) -> None:
+        q = self._quota()
+        for d, bucket in self._items.items():
+            while len(bucket) > q:
+                self._drop_random(d)
+
+    def _enforce_bytes(self) -> None:
+        while self._bytes > self.max_bytes and len(self):
+            largest = max(self._items, key=lambda d: len(self._items[d]))
+            self._drop_random(largest)
+
+    def sample(self, n: int) -> list[Example]:
+        """``n`` items (fewer if the store is smaller): a source drawn uniformly, then an item of it."""
+        live = [d for d, v in self._items.items() if v]
+        if not live or n <= 0:
+            return []
+        n = min(n, len(self))
+        taken: set[tuple[str, int]] = set()
+        out: list[Example] = []
+        while len(out) < n:
+            d = self._rng.choice(live)
+            i = self._rng.randrange(len(self._items[d]))
+            if (d, i) in taken:
+                if len(taken) >= len(self):
+                    break
+                continue
+            taken.add((d, i))
+            out.append(self._items[d][i])
+        return out
+
+    def all(self) -> list[Example]:
+        return [ex for v in self._items.values() for ex in v]
+
+    def to_json(self) -> dict:
+        state = self._rng.getstate()
+        return {
+            "capacity": self.capacity,
+            "max_bytes": self.max_bytes,
+            "seen": self._seen,
+            "items": {d: [ex.to_json() for ex in v] for d, v in self._items.items()},
+            "rng": [state[0], list(state[1]), state[2]],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, capacity: int | None = None, max_bytes: int | None = None) -> "ReplayBuffer":
+        buf = cls(capacity if capacity is not None else int(d["capacity"]),
+                  max_bytes if max_bytes is not None else int(d["max_bytes"]))
+        buf._seen = {k: int(v) for k, v in d["seen"].items()}
+        for dom, items in d["items"].items():
+            buf._items[dom] = [Example.from_json(x) for x in items]
+            buf._bytes += sum(_size(x) for x in buf._items[dom])
+        rng = d.get("rng")
+        if rng:
+            buf._rng.setstate((rng[0], tuple(rng[1]), rng[2]))
+        buf._shrink_to_quota()
+        buf._enforce_bytes()
+        return buf

@@ -1,0 +1,223 @@
+"""The continual update step: a LoRA adapter on a frozen generation, trained under constraints.
+
+One call to :meth:`ContinualLearner.step` is one optimizer step on a batch that mixes new
+interactions with replayed ones. The loss, read top to bottom:
+
+    task     = mean over examples of  w_i * loss_i      (reward-weighted, see ``example_losses``)
+    anchor   = sum ||theta - theta_accepted||^2          ("anchor": L2 toward the last accepted adapter)
+    distill  = KL(p_generation || p_adapted) on replayed rows   ("distill": keep old behaviour)
+    loss     = task + anchor_weight * anchor + distill_weight * distill
+
+then gradients are clipped to ``max_grad_norm`` ("clip"). Which terms are on is ``constraints``;
+an empty set is plain sequential LoRA fine-tuning.
+
+Reward: ``r > 0`` weights the negative log-likelihood of the response by ``r``; ``r < 0`` applies
+unlikelihood, ``-log(1 - p(token))`` weighted by ``|r|``, pushing the response's tokens down;
+``r == 0`` carries no loss (the interaction is acknowledged but teaches nothing).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from learners.data import IGNORE, Batch, Example, chunks, collate
+
+ALL_CONSTRAINTS = frozenset({"replay", "anchor", "distill", "clip"})
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class UpdateConfig:
+    lora_rank: int = 16
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    max_seq_len: int = 256
+    replay_ratio: float = 0.5
+    constraints: frozenset[str] = field(default_factory=lambda: ALL_CONSTRAINTS)
+    anchor_weight: float = 1.0
+    distill_weight: float = 0.5
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+
+    def replay_count(self) -> int:
+        """Replayed rows per batch: ``replay_ratio`` of ``batch_size`` when replay is on."""
+        if "replay" not in self.constraints or self.replay_ratio <= 0:
+            return 0
+        return max(1, round(self.batch_size * self.replay_ratio))
+
+
+@dataclass
+class StepReport:
+    loss: float
+    task_loss: float
+    anchor: float
+    distill: float
+    grad_norm: float
+    n_new: int
+    n_replay: int
+    tokens: int
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next token and the mask of positions that carry loss."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked, mask
+
+
+def example_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-example reward-weighted loss, [B]; each example's tokens are averaged first."""
+    picked, mask = token_logprobs(logits, batch.labels)
+    n = mask.sum(-1).clamp(min=1)
+    nll = -(picked * mask).sum(-1) / n
+    p = picked.exp().clamp(max=1 - 1e-6)
+    unlikely = -(torch.log1p(-p) * mask).sum(-1) / n
+    r = batch.rewards.to(nll.device)
+    return torch.where(r > 0, r * nll, torch.where(r < 0, -r * unlikely, torch.zeros_like(nll)))
+
+
+@torch.no_grad()
+def evaluate_loss(model, tokenizer, examples: Sequence[Example], max_seq_len: int,
+                  batch_size: int = 8, bf16: bool = False) -> float:
+    """Mean next-token NLL over the response tokens of ``examples`` (nats/token)."""
+    if not examples:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for part in chunks(list(examples), batch_size):
+        b = collate(tokenizer, part, max_seq_len)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        picked, mask = token_logprobs(logits, b.labels)
+        total += float(-(picked * mask).sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def load_causal_lm(path: str | Path) -> torch.nn.Module:
+    """A generation from the registry, in fp32 (safetensors only)."""
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
+
+
+class ContinualLearner:
+    """A generation plus a trainable LoRA adapter, updated one constrained step at a time.
+
+    ``accept()`` marks the current adapter as the anchor and the rollback point; ``rollback()``
+    returns to it (weights and optimizer state). Persistence is ``save(dir)`` / ``adapter_dir=``.
+    """
+
+    def __init__(self, base_dir: str | Path, tokenizer, config: UpdateConfig,
+                 adapter_dir: str | Path | None = None) -> None:
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.tokenizer = tokenizer
+        base = load_causal_lm(base_dir)
+        if adapter_dir is not None:
+            self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+        else:
+            lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
+                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+            self.model = get_peft_model(base, lora)
+        self.model.train()
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.learning_rate, weight_decay=0.0)
+        self._accepted = self._snapshot()
+
+    # -- state -------------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        return {
+            "params": {n: p.detach().clone() for n, p in self.params.items()},
+            "optim": _clone_state(self.optimizer.state_dict()),
+        }
+
+    def accept(self) -> None:
+        """The current adapter becomes the anchor and the point a rollback returns to."""
+        self._accepted = self._snapshot()
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self._accepted["params"][n])
+        self.optimizer.load_state_dict(_clone_state(self._accepted["optim"]))
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.config.learning_rate = lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def save(self, directory: str | Path) -> None:
+        """A standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self, new: Sequence[Example], replay: Sequence[Example] = ()) -> StepReport:
+        cfg = self.config
+        rows = list(new) + list(replay)
+        batch = collate(self.tokenizer, rows, cfg.max_seq_len)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        task = example_losses(logits, batch).mean()
+        loss = task
+
+        anchor = torch.zeros(())
+        if "anchor" in cfg.constraints and cfg.anchor_weight > 0:
+            ref = self._accepted["params"]
+            anchor = sum(((p - ref[n]) ** 2).sum() for n, p in self.params.items())
+            loss = loss + cfg.anchor_weight * anchor
+
+        distill = torch.zeros(())
+        if "distill" in cfg.constraints and cfg.distill_weight > 0 and replay:
+            r = slice(len(new), len(rows))
+            with torch.no_grad(), self.model.disable_adapter(), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                ref_logits = self.model(input_ids=batch.input_ids[r], attention_mask=batch.attention_mask[r]).logits
+            mask = (batch.labels[r, 1:] != IGNORE)
+            p_ref = torch.log_softmax(ref_logits[:, :-1].float(), -1)
+            p_cur = torch.log_softmax(logits[r, :-1].float(), -1)
+            kl = (p_ref.exp() * (p_ref - p_cur)).sum(-1)
+            distill = (kl * mask).sum() / mask.sum().clamp(min=1)
+            loss = loss + cfg.distill_weight * distill
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        if "clip" in cfg.constraints and cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.max_grad_norm)
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        return StepReport(loss=loss.item(), task_loss=task.item(), anchor=anchor.item(), distill=distill.item(),
+                          grad_norm=grad_norm, n_new=len(new), n_replay=len(replay), tokens=batch.n_tokens)
+
+    def evaluate(self, examples: Sequence[Example]) -> float:
+        return evaluate_loss(self.model, self.tokenizer, examples, self.config.max_seq_len,
+                             self.config.batch_size, self.config.bf16)
+
+
+def _clone_state(state: dict) -> dict:
+    def c(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone()
+        if isinstance(x, dict):
+            return {k: c(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [c(v) for v in x]
+        return x
+    return c(state)

@@ -1,0 +1,1 @@
+"""Decisions as small functions over measured numbers: gate an update, when and how much to reduce."""
