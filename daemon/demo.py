@@ -2,8 +2,9 @@
 
 Embedded Redis, local Ray, SmolLM2-135M converted into gen-0000; Python standard-library sources
 found on this machine are published as interactions (the model learns to continue code it is
-shown); the daemon learns them, reduces the lineage after ``reduce_every`` interactions, and the
-demo prints generation 1's size and held-out perplexity next to generation 0's.
+shown); the daemon learns them; once the stream is drained the demo asks for a reduction (as
+``cascade reduce`` would), and prints generation 1's size and held-out perplexity next to
+generation 0's.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from daemon.stream import group_info
 log = logging.getLogger("cascade.demo")
 
 # Demo-sized defaults, used unless the operator set the same names (environment or --config).
-DEMO_DEFAULTS = {"max_seq_len": 128, "batch_size": 8, "window_steps": 2, "reduce_every": 112,
+DEMO_DEFAULTS = {"max_seq_len": 128, "batch_size": 8, "window_steps": 2, "reduce_every": 0,
                  "heldout_fraction": 0.12, "heal_steps": 12, "calibration_items": 48, "learning_rate": 3e-4,
                  "reduce_keep": 0.8}
 DEMO_INTERACTIONS = 128
@@ -53,11 +54,15 @@ def run_demo(settings: Settings) -> int:
     registry = Registry(settings.registry_root)
     main = registry.lineage("main")
     gen0 = main.current()
-    t0, last = time.monotonic(), ""
+    t0, last, asked = time.monotonic(), "", False
     try:
         while not promoted.is_set() and not daemon._stop.is_set():
             promoted.wait(3.0)
             info = group_info(daemon.redis, settings.stream, settings.group)
+            if not asked and info.lag == 0 and info.pending == 0 and not daemon.jobs:
+                daemon.redis.xadd(settings.control_stream, {"command": "reduce", "lineage": "main"})
+                print("stream drained: reducing main (merge, score neurons on its data, prune, heal, gate)")
+                asked = True
             st = main.live_state() or {}
             ho = st.get("heldout_loss") or {}
             jobs = ",".join(f"{j.kind}" for j in daemon.jobs.values()) or "idle"
@@ -100,7 +105,7 @@ def _summary(registry: Registry, settings: Settings, gen0: str) -> int:
     print(f"  {gen0 + ' + live adapter':<28}{main.card(gen0)['n_params']:>14,}"
           f"{' '.join(f'{v:.2f}' for v in ppl_spec.values()):>22}")
     print(f"  {gen1 + ' (reduced)':<28}{card1['n_params']:>14,}"
-          f"{' '.join(f'{v['perplexity']:.2f}' for v in ppl1.values()):>22}")
+          f"{' '.join('%.2f' % v['perplexity'] for v in ppl1.values()):>22}")
     shrink = 1 - card1["n_params"] / main.card(gen0)["n_params"]
     print(f"  {gen1} is {shrink:.1%} smaller than {gen0}; card: {main.path / gen1 / 'card.json'}")
     return 0

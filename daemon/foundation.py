@@ -47,14 +47,17 @@ def gguf_path() -> Path:
 def convert_gguf(dest: Path) -> None:
     """Dequantise the shipped GGUF into a plain fp32 LlamaForCausalLM directory at ``dest``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     src = gguf_path()
     log.info("converting %s to a safetensors checkpoint (once)", src.name)
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; a plain model built from its config does not.
-    model = LlamaForCausalLM(gguf_model.config).to(torch.float32)
+    config = gguf_model.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):
+        config.pop(key, None)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config)).to(torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=False)
     if model.config.tie_word_embeddings:
         model.tie_weights()

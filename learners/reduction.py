@@ -35,7 +35,7 @@ def merge_adapter(peft_model, probe: Sequence[Example], tokenizer, max_seq_len: 
     b = collate(tokenizer, list(probe), max_seq_len) if probe else None
     before = peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits if b else None
     merged = peft_model.merge_and_unload()
-    merged.float()
+    merged.to(torch.float32)
     if b is not None:
         after = merged(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         m = b.attention_mask.bool()

@@ -1,0 +1,154 @@
+"""Shared fixtures: a tiny Llama on disk, a real Redis (one database per test), daemon subprocesses."""
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.tiny import build_tiny_llama, save_tokenizer
+
+REDIS_HOST = os.environ.get("CASCADE_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("CASCADE_TEST_REDIS_PORT", "6379"))
+_db = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A real Redis database of its own, flushed (``make test`` starts the server)."""
+    db = 1 + (next(_db) - 1) % 15
+    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"no Redis on {REDIS_HOST}:{REDIS_PORT}: run the tests with `make test`, which starts one")
+    r.flushdb()
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings_env(home: Path, base: Path, redis_url: str, **extra) -> dict[str, str]:
+    """Environment for a daemon/CLI subprocess on the tiny model, tuned so tests run in seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    env.update({
+        "CASCADE_HOME": str(home), "CASCADE_BASE_MODEL": str(base), "CASCADE_REDIS_URL": redis_url,
+        "CASCADE_METRICS_PORT": str(free_port()), "CASCADE_MAX_SEQ_LEN": "48", "CASCADE_BATCH_SIZE": "8",
+        "CASCADE_LEARNING_RATE": "0.003", "CASCADE_REDUCE_EVERY": "0", "CASCADE_HEAL_STEPS": "4",
+        "CASCADE_REDUCE_BUDGET": "3.0", "CASCADE_CLAIM_IDLE_MS": "2000", "CASCADE_READ_BLOCK_MS": "200",
+    })
+    env.update({f"CASCADE_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+class DaemonProcess:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env,
+                                     stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.port = int(env["CASCADE_METRICS_PORT"])
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"daemon not healthy after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def terminate(self, timeout: float = 180) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    started: list[DaemonProcess] = []
+
+    def start(env: dict[str, str]) -> DaemonProcess:
+        d = DaemonProcess(env, tmp_path / f"daemon-{len(started)}.log")
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.kill()
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, lab = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in lab for k, v in labels.items()):
+            total += float(value)
+            found = True
+    if not found:
+        raise KeyError(f"{name}{labels} not in /metrics")
+    return total
+
+
+def wait_drained(r: redis.Redis, stream: str, group: str, timeout: float = 240, proc: DaemonProcess | None = None) -> None:
+    from daemon.stream import group_info
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = group_info(r, stream, group)
+        if info.lag == 0 and info.pending == 0 and info.length > 0:
+            return
+        if proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"daemon exited:\n{proc.log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"stream not drained after {timeout}s: {group_info(r, stream, group)}")

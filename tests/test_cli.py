@@ -1,0 +1,87 @@
+"""The ``cascade`` command as an operator uses it (subprocesses, real Redis, a registry on disk)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import redis
+
+from daemon.config import load_settings
+from daemon.foundation import ensure_foundation
+from daemon.lineage import LineageWorker
+from daemon.registry import Registry
+from daemon.schema import Interaction
+from tests.conftest import settings_env
+
+
+def cascade(env, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_publish_jsonl_with_text_and_pairs(tmp_path, tiny_model, redis_url):
+    env = settings_env(tmp_path / "home", tiny_model, redis_url)
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "response": "b", "meta": {"domain": "x"}, "reward": 0.5}) + "\n\n"
+                 + json.dumps({"text": "just text"}) + "\n")
+    out = cascade(env, "publish", str(f), "--lineage", "law")
+    assert out.returncode == 0, out.stderr
+    entries = redis.Redis.from_url(redis_url).xrange("cascade:interactions")
+    assert [e[1] for e in entries] == [
+        {b"prompt": b"a", b"response": b"b", b"meta": b'{"domain": "x"}', b"reward": b"0.5", b"lineage": b"law"},
+        {b"prompt": b"", b"response": b"just text", b"lineage": b"law"},
+    ]
+
+
+def test_publish_refuses_a_bad_file_whole_with_one_sentence(tmp_path, tiny_model, redis_url):
+    env = settings_env(tmp_path / "home", tiny_model, redis_url)
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"response": "ok"}\n{"response": 3\n')
+    out = cascade(env, "publish", str(f))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "bad.jsonl:2" in out.stderr
+    assert redis.Redis.from_url(redis_url).xlen("cascade:interactions") == 0
+    out = cascade(env, "publish", str(tmp_path / "missing.jsonl"))
+    assert out.returncode == 1 and "does not exist" in out.stderr
+
+
+def test_status_generations_eval_and_fork_offline(tmp_path, tiny_model, redis_url):
+    home = tmp_path / "home"
+    env = settings_env(home, tiny_model, redis_url, heal_steps=1, reduce_budget=10)
+    s = load_settings(home=home, base_model=tiny_model, max_seq_len=32, heal_steps=1, reduce_budget=10.0,
+                      learning_rate=3e-3)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn([Interaction(entry_id=f"{i}-0", id=str(i), prompt="Q", response=f" answer {i % 2}") for i in range(1, 25)])
+    assert w.reduce().outcome == "promoted"
+    w.close()
+
+    st = json.loads(cascade(env, "status", "--json").stdout)
+    assert st["lineages"][0]["generation"] == "gen-0001" and st["daemon_running"] is False
+    assert "lag" in st and "pending" in st
+    txt = cascade(env, "status").stdout
+    assert "gen-0001" in txt and "lag 0" in txt
+
+    out = cascade(env, "fork", "--from", "main/gen-0001", "--to", "niche")
+    assert out.returncode == 0, out.stderr
+    tree = json.loads(cascade(env, "generations", "--json").stdout)["generations"]
+    by_id = {n["id"]: n for n in tree}
+    assert by_id["main/gen-0001"]["parent"] == "main/gen-0000"
+    assert by_id["niche/gen-0000"]["parent"] == "main/gen-0001"
+    assert by_id["niche/gen-0000"]["n_params"] == by_id["main/gen-0001"]["n_params"]
+    text = cascade(env, "generations").stdout
+    assert "main/gen-0000" in text and "└── main/gen-0001" in text and "niche/gen-0000" in text
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Q", "response": f" answer {i % 2}"}) + "\n" for i in range(6)))
+    by_dir = json.loads(cascade(env, "eval", str(home / "registry/main/gen-0001"), "--data", str(data), "--json").stdout)
+    by_lineage = json.loads(cascade(env, "eval", "main", "--data", str(data), "--json").stdout)
+    assert by_dir["records"] == 6 and by_dir["perplexity"] > 1
+    assert by_lineage["adapter"] is not None and by_lineage["loss"] > 0
+
+    for args, needle in [(("fork", "--from", "main/gen-0009", "--to", "x"), "does not exist"),
+                         (("fork", "--from", "main/gen-0001", "--to", "../up"), "invalid lineage"),
+                         (("eval", "nope", "--data", str(data)), "neither"),
+                         (("reduce", "--lineage", "ghost"), "does not exist")]:
+        out = cascade(env, *args)
+        assert out.returncode == 1 and needle in out.stderr and out.stderr.count("\n") == 1, out.stderr

@@ -1,0 +1,64 @@
+import subprocess
+import sys
+
+import pytest
+
+from daemon.config import SettingsError, load_settings
+
+
+def test_defaults_follow_the_contract(monkeypatch):
+    for k in list(__import__("os").environ):
+        if k.startswith("CASCADE_"):
+            monkeypatch.delenv(k)
+    s = load_settings()
+    assert str(s.home) == ".cascade" and s.redis_url is None and s.ray_address is None
+    assert s.stream == "cascade:interactions" and s.group == "cascade"
+    assert s.metrics_host == "127.0.0.1" and s.metrics_port == 9477
+    assert s.gate is True and s.max_entry_bytes == 64 * 1024
+    assert s.constraint_set == {"replay", "anchor", "distill", "clip"}
+
+
+def test_naive_settings_switch_everything_off(monkeypatch):
+    monkeypatch.setenv("CASCADE_REPLAY_RATIO", "0")
+    monkeypatch.setenv("CASCADE_CONSTRAINTS", "none")
+    monkeypatch.setenv("CASCADE_GATE", "off")
+    s = load_settings()
+    cfg = s.update_config()
+    assert s.gate is False and cfg.constraints == frozenset() and cfg.replay_count() == 0
+
+
+def test_toml_file_and_env_precedence(tmp_path, monkeypatch):
+    f = tmp_path / "c.toml"
+    f.write_text('batch_size = 4\nreduce_keep = 0.5\nconstraints = "replay,clip"\n')
+    s = load_settings(f)
+    assert (s.batch_size, s.reduce_keep, s.constraint_set) == (4, 0.5, {"replay", "clip"})
+    monkeypatch.setenv("CASCADE_BATCH_SIZE", "3")
+    assert load_settings(f).batch_size == 3
+    monkeypatch.setenv("CASCADE_CONFIG", str(f))
+    assert load_settings().reduce_keep == 0.5
+
+
+@pytest.mark.parametrize("name,value", [
+    ("CASCADE_REPLAY_RATIO", "1.5"), ("CASCADE_GATE", "maybe"), ("CASCADE_CONSTRAINTS", "replay,magic"),
+    ("CASCADE_REDIS_URL", "http://x"), ("CASCADE_BATCH_SIZE", "zero"), ("CASCADE_REDUCE_KEEP", "0"),
+    ("CASCADE_METRICS_PORT", "70000"), ("CASCADE_BASE_MODEL", "/nonexistent/dir"),
+])
+def test_bad_values_fail_naming_the_setting(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=name):
+        load_settings()
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("batch_sise = 4\n")
+    with pytest.raises(SettingsError, match="CASCADE_BATCH_SISE"):
+        load_settings(f)
+
+
+def test_cli_reports_a_bad_setting_in_one_sentence(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "CASCADE_REPLAY_RATIO": "-1", "CASCADE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "status"], env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CASCADE_REPLAY_RATIO" in lines[0]

@@ -1,0 +1,171 @@
+"""The daemon as a user runs it: a subprocess, a real Redis, a real local Ray, a model on disk."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import redis
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from daemon.registry import Registry
+from learners.data import Example
+from learners.update import evaluate_loss
+from tests.conftest import metric_value, settings_env, wait_drained
+
+STREAM, GROUP = "cascade:interactions", "cascade"
+COLORS = ["red", "green", "blue", "amber"]
+
+
+def interaction(i: int) -> dict[str, str]:
+    return {"prompt": f"Item {i} has colour", "response": f" {COLORS[i % 4]} and weight {i % 7} kg.",
+            "meta": json.dumps({"domain": "catalog"})}
+
+
+def live_and_base_loss(home, examples):
+    lineage = Registry(home / "registry").lineage("main")
+    gen = lineage.path / json.loads((lineage.live / "state.json").read_text())["base"]
+    tok = AutoTokenizer.from_pretrained(gen)
+    base = AutoModelForCausalLM.from_pretrained(gen, dtype=torch.float32)
+    before = evaluate_loss(base, tok, examples, 48)
+    live = PeftModel.from_pretrained(base, lineage.live)
+    return before, evaluate_loss(live, tok, examples, 48)
+
+
+def test_learn_reduce_and_observe(tmp_path, tiny_model, redis_url, daemon_factory):
+    home = tmp_path / "home"
+    env = settings_env(home, tiny_model, redis_url)
+    r = redis.Redis.from_url(redis_url)
+    # Entries published before the daemon starts are consumed.
+    for i in range(40):
+        r.xadd(STREAM, interaction(i))
+    bad = [
+        {"prompt": "no response here"},                                   # missing_field
+        {"prompt": "p", "response": "r", "reward": "lots"},               # bad_reward
+        {"prompt": "p", "response": "r", "lineage": "../etc"},            # bad_lineage
+        {"prompt": "p", "response": b"\xff\xfe not utf-8"},               # not_utf8
+        {"prompt": "p", "response": "x" * 70_000},                        # oversized
+        {"prompt": "p", "response": "r", "meta": "[1, 2]"},               # bad_meta
+        {"prompt": "p", "response": "   "},                               # empty_response
+    ]
+    bad_ids = [r.xadd(STREAM, f) for f in bad]
+    d = daemon_factory(env)
+    d.wait_healthy()
+    for i in range(40, 80):
+        r.xadd(STREAM, interaction(i))
+    wait_drained(r, STREAM, GROUP, proc=d)
+
+    dead = r.xrange(f"{STREAM}:dead")
+    reasons = {e[1][b"source_id"].decode(): e[1][b"reason"].decode() for e in dead}
+    assert reasons == {b.decode(): want for b, want in zip(bad_ids, [
+        "missing_field", "bad_reward", "bad_lineage", "not_utf8", "oversized", "bad_meta", "empty_response"])}
+    assert all(e[1][b"detail"] for e in dead)
+
+    state = json.loads((home / "registry/main/live/state.json").read_text())
+    examples = [Example(id=str(i), prompt=f["prompt"], response=f["response"])
+                for i, f in ((i, interaction(i)) for i in range(80))]
+    before, after = live_and_base_loss(home, examples)
+    assert after < before - 0.3, (before, after)
+    heldout = sum(len(v) for v in json.loads((home / "registry/main/live/heldout.json").read_text()).values())
+    assert state["interactions_learned"] + heldout == 80
+
+    m = d.metrics()
+    assert metric_value(m, "cascade_interactions_received_total", lineage="main") == 80
+    assert metric_value(m, "cascade_interactions_learned_total", lineage="main") == state["interactions_learned"]
+    assert metric_value(m, "cascade_interactions_rejected_total") == 7
+    assert metric_value(m, "cascade_interactions_rejected_total", reason="oversized") == 1
+    assert metric_value(m, "cascade_update_steps_total", lineage="main") == state["update_steps"] > 0
+    assert metric_value(m, "cascade_ingest_to_learn_seconds_count") >= 80
+    assert metric_value(m, "cascade_model_parameters", lineage="main") > 0
+    for name in ("cascade_stream_lag", "cascade_stream_pending", "cascade_train_loss", "cascade_replay_items",
+                 "cascade_generation", "cascade_update_seconds_count", "cascade_forgetting"):
+        metric_value(m, name)
+
+    # Reduce on command, through the CLI and the control stream.
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "reduce", "--lineage", "main"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not r.xlen("cascade:generations"):
+        time.sleep(0.5)
+    (eid, event), = r.xrange("cascade:generations")
+    assert event[b"lineage"] == b"main" and event[b"generation"] == b"gen-0001"
+    assert event[b"parent"] == b"main/gen-0000"
+    assert (home / "registry/main/CURRENT").read_text().strip() == "gen-0001"
+    gen0 = AutoModelForCausalLM.from_pretrained(home / "registry/main/gen-0000")
+    gen1 = AutoModelForCausalLM.from_pretrained(home / "registry/main/gen-0001")
+    AutoTokenizer.from_pretrained(home / "registry/main/gen-0001")
+    assert gen1.num_parameters() < gen0.num_parameters()
+    assert gen1.config.intermediate_size < gen0.config.intermediate_size
+    card = json.loads((home / "registry/main/gen-0001/card.json").read_text())
+    for key in ("lineage", "generation", "parent", "created_at", "n_params", "interactions_seen", "reduction", "eval"):
+        assert key in card
+    assert card["n_params"] == gen1.num_parameters() and card["generation"] == 1
+    assert card["reduction"]["n_params_before"] > card["reduction"]["n_params_after"]
+    assert json.loads(event[b"card"]) == card
+
+    # The learner continues on gen-0001 with a fresh adapter.
+    for i in range(80, 100):
+        r.xadd(STREAM, interaction(i))
+    wait_drained(r, STREAM, GROUP, proc=d)
+    deadline = time.monotonic() + 30
+    while json.loads((home / "registry/main/live/state.json").read_text())["base"] != "gen-0001":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    m = d.metrics()
+    assert metric_value(m, "cascade_reductions_total", lineage="main", outcome="promoted") == 1
+    assert metric_value(m, "cascade_generation", lineage="main") == 1
+    assert metric_value(m, "cascade_model_parameters", lineage="main") == card["n_params"]
+    assert metric_value(m, "cascade_reduction_seconds_count") == 1
+
+    status = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    doc = json.loads(status.stdout)
+    assert doc["lag"] == 0 and doc["pending"] == 0
+    assert doc["lineages"][0]["generation"] == "gen-0001"
+    assert d.terminate() == 0
+
+
+def test_sigterm_then_restart_loses_nothing_and_learns_nothing_twice(tmp_path, tiny_model, redis_url, daemon_factory):
+    home = tmp_path / "home"
+    env = settings_env(home, tiny_model, redis_url, window_steps=1)
+    r = redis.Redis.from_url(redis_url)
+    d = daemon_factory(env)
+    d.wait_healthy()
+    n = 200
+    pipe = r.pipeline()
+    for i in range(n):
+        pipe.xadd(STREAM, {**interaction(i), "id": f"item-{i}"})
+    pipe.execute()
+    # Stop while it is learning: some windows are done, the rest must stay unacknowledged.
+    deadline = time.monotonic() + 60
+    while not (home / "registry/main/live").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert d.terminate() == 0
+    from daemon.stream import group_info
+
+    mid = group_info(r, STREAM, GROUP)
+    state = json.loads((home / "registry/main/live/state.json").read_text())
+    assert mid.pending + mid.lag > 0, "the daemon finished everything before the signal; nothing was tested"
+
+    # Producers resend some ids: they must not be learned again.
+    for i in range(10):
+        r.xadd(STREAM, {**interaction(i), "id": f"item-{i}"})
+    d2 = daemon_factory(env)
+    d2.wait_healthy()
+    wait_drained(r, STREAM, GROUP, proc=d2)
+    state2 = json.loads((home / "registry/main/live/state.json").read_text())
+    heldout = sum(len(v) for v in json.loads((home / "registry/main/live/heldout.json").read_text()).values())
+    assert state2["interactions_learned"] >= state["interactions_learned"]
+    assert state2["interactions_learned"] + heldout == n
+    m = d2.metrics()
+    assert metric_value(m, "cascade_interactions_duplicate_total", lineage="main") >= 10
+    import sqlite3
+
+    rows = sqlite3.connect(home / "registry/main/ledger.sqlite").execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM seen").fetchone()
+    assert rows == (n, n)
+    assert d2.terminate() == 0

@@ -1,0 +1,131 @@
+"""The update step and its constraints, on a tiny Llama (plain torch + peft, no Ray, no Redis)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from learners.data import IGNORE, Example, collate, encode
+from learners.update import ContinualLearner, UpdateConfig, evaluate_loss
+
+DATA = [Example(id=str(i), prompt=f"Q{i}:", response=f" answer {i % 3} done.") for i in range(16)]
+OTHER = [Example(id=f"o{i}", prompt="", response=f"zebra {i} quartz.", domain="other") for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def make(tiny_model, tok, **kw) -> ContinualLearner:
+    cfg = UpdateConfig(lora_rank=4, learning_rate=5e-3, batch_size=4, max_seq_len=32, **kw)
+    return ContinualLearner(tiny_model, tok, cfg)
+
+
+def test_only_response_tokens_carry_loss_and_truncation_keeps_the_response(tok):
+    ids, labels = encode(tok, Example("1", "a prompt here", " the response"), 64)
+    n_resp = len(tok(" the response", add_special_tokens=False)["input_ids"]) + 1
+    assert sum(l != IGNORE for l in labels) == n_resp and len(ids) == len(labels)
+    ids, labels = encode(tok, Example("1", "word " * 100, " short"), 16)
+    assert len(ids) == 16 and sum(l != IGNORE for l in labels) == n_resp - 1
+    b = collate(tok, [Example("1", "", "a"), Example("2", "", "a much longer response")], 32)
+    assert b.attention_mask[0].sum() < b.attention_mask[1].sum()
+
+
+def test_steps_lower_the_loss_on_what_is_learned(tiny_model, tok):
+    L = make(tiny_model, tok, constraints=frozenset())
+    before = L.evaluate(DATA)
+    for _ in range(6):
+        for i in range(0, 16, 4):
+            L.step(DATA[i : i + 4])
+    assert L.evaluate(DATA) < before - 0.5
+
+
+def test_rollback_restores_the_accepted_adapter_exactly(tiny_model, tok):
+    L = make(tiny_model, tok)
+    L.step(DATA[:4])
+    L.accept()
+    ref = {n: p.detach().clone() for n, p in L.params.items()}
+    L.step(DATA[4:8])
+    assert any(not torch.equal(ref[n], p) for n, p in L.params.items())
+    L.rollback()
+    assert all(torch.equal(ref[n], p) for n, p in L.params.items())
+
+
+def test_anchor_penalty_pulls_toward_the_accepted_adapter(tiny_model, tok):
+    def drift(constraints, weight):
+        torch.manual_seed(0)
+        L = make(tiny_model, tok, constraints=constraints, anchor_weight=weight)
+        L.step(DATA[:4])
+        L.accept()
+        ref = {n: p.detach().clone() for n, p in L.params.items()}
+        for _ in range(5):
+            L.step(OTHER[:4])
+        return sum(float(((p.detach() - ref[n]) ** 2).sum()) for n, p in L.params.items())
+
+    assert drift(frozenset({"anchor"}), 500.0) < 0.8 * drift(frozenset(), 0.0)
+
+
+def test_distillation_keeps_replayed_outputs_near_the_generation(tiny_model, tok):
+    def kl_from_generation(constraints):
+        torch.manual_seed(0)
+        L = make(tiny_model, tok, constraints=constraints, distill_weight=5.0)
+        for _ in range(6):
+            L.step(DATA[:2], OTHER[:2])
+        b = collate(tok, OTHER[:2], 32)
+        with torch.no_grad():
+            cur = torch.log_softmax(L.model(input_ids=b.input_ids).logits, -1)
+            with L.model.disable_adapter():
+                ref = torch.log_softmax(L.model(input_ids=b.input_ids).logits, -1)
+        return float((ref.exp() * (ref - cur)).sum(-1).mean())
+
+    assert kl_from_generation(frozenset({"distill"})) < 0.8 * kl_from_generation(frozenset())
+
+
+def test_step_reports_the_terms_that_are_on(tiny_model, tok):
+    L = make(tiny_model, tok)
+    L.step(DATA[:2], OTHER[:2])
+    L.accept()
+    assert L.step(DATA[2:4], OTHER[2:4]).anchor == 0  # measured before the step: still at the anchor
+    r = L.step(DATA[2:4], OTHER[2:4])
+    assert r.anchor > 0 and r.distill > 0 and r.n_replay == 2
+    naive = make(tiny_model, tok, constraints=frozenset())
+    naive.step(DATA[:2], OTHER[:2])
+    r = naive.step(DATA[2:4], OTHER[2:4])
+    assert r.anchor == 0 and r.distill == 0
+
+
+def test_gradient_clipping_bounds_the_step(tiny_model, tok):
+    def delta(constraints):
+        torch.manual_seed(0)
+        L = make(tiny_model, tok, constraints=constraints, max_grad_norm=1e-4)
+        L.optimizer = torch.optim.SGD(L.params.values(), lr=1.0)
+        ref = {n: p.detach().clone() for n, p in L.params.items()}
+        L.step(DATA[:4])
+        return sum(float(((p - ref[n]) ** 2).sum()) for n, p in L.params.items()) ** 0.5
+
+    assert delta(frozenset({"clip"})) <= 1.01e-4 < delta(frozenset())
+
+
+def test_negative_reward_pushes_the_response_down(tiny_model, tok):
+    target = [Example("n", "Say:", " forbidden phrase here.", reward=-1.0)]
+    L = make(tiny_model, tok, constraints=frozenset())
+    before = L.evaluate([dataclasses.replace(target[0], reward=1.0)])
+    for _ in range(5):
+        L.step(target)
+    assert L.evaluate(target) > before
+    zero = make(tiny_model, tok, constraints=frozenset())
+    r = zero.step([dataclasses.replace(target[0], reward=0.0)])
+    assert r.task_loss == 0.0
+
+
+def test_saved_adapter_reloads_to_the_same_outputs(tiny_model, tok, tmp_path):
+    L = make(tiny_model, tok)
+    L.step(DATA[:4])
+    L.save(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    M = ContinualLearner(tiny_model, tok, L.config, adapter_dir=tmp_path / "a")
+    assert abs(M.evaluate(DATA) - L.evaluate(DATA)) < 1e-5
+    assert evaluate_loss(M.model, tok, DATA, 32) == pytest.approx(M.evaluate(DATA), abs=1e-6)

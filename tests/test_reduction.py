@@ -1,0 +1,123 @@
+"""Merge, importance, structured pruning and healing on a tiny Llama."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from learners.data import Example, collate
+from learners.reduction import (MergeError, count_parameters, heal, magnitude_importance, merge_adapter,
+                                mlp_importance, prune_mlp)
+from learners.update import ContinualLearner, UpdateConfig, evaluate_loss, load_causal_lm
+from policies.reduction import ModelShape, ReductionPolicy, plan_reduction
+
+DATA = [Example(id=str(i), prompt=f"Line {i}:", response=f" the value {i % 5} is stored.") for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def test_merge_preserves_logits_and_refuses_a_bad_merge(tiny_model, tok, monkeypatch):
+    L = ContinualLearner(tiny_model, tok, UpdateConfig(lora_rank=4, learning_rate=5e-3, max_seq_len=32))
+    for i in range(0, 24, 4):
+        L.step(DATA[i : i + 4])
+    b = collate(tok, DATA[:3], 32)
+    with torch.no_grad():
+        want = L.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    merged = merge_adapter(L.model, DATA[:3], tok, 32)
+    with torch.no_grad():
+        got = merged(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+    L2 = ContinualLearner(tiny_model, tok, UpdateConfig(lora_rank=4, learning_rate=5e-3, max_seq_len=32))
+    L2.step(DATA[:4])
+    real_merge = type(L2.model.base_model).merge_and_unload
+
+    def corrupting_merge(self, *a, **k):
+        m = real_merge(self, *a, **k)
+        with torch.no_grad():
+            m.model.layers[0].mlp.down_proj.weight.add_(1.0)
+        return m
+
+    monkeypatch.setattr(type(L2.model.base_model), "merge_and_unload", corrupting_merge)
+    with pytest.raises(MergeError):
+        merge_adapter(L2.model, DATA[:3], tok, 32)
+
+
+def test_pruned_model_reloads_with_identical_logits_and_planned_size(tiny_model, tok, tmp_path):
+    model = load_causal_lm(tiny_model)
+    shape = ModelShape.of(model.config)
+    assert shape.total() == count_parameters(model)
+    plan = plan_reduction(shape, 0.6)
+    scores = mlp_importance(model, DATA, tok, 32)
+    assert scores.shape == (model.config.num_hidden_layers, model.config.intermediate_size)
+    small = prune_mlp(model, scores, plan.intermediate)
+    assert count_parameters(small) == plan.n_params_after
+    # Within rounding of the requested share of non-embedding parameters.
+    per_neuron_share = 3 * shape.hidden * shape.layers * 8 / shape.non_embedding()
+    assert abs(plan.keep_achieved - 0.6) <= per_neuron_share
+    small.save_pretrained(tmp_path / "g", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32)
+    assert reloaded.config.intermediate_size == plan.intermediate
+    b = collate(tok, DATA[:4], 32)
+    with torch.no_grad():
+        a = small(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        c = reloaded(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_keeping_every_neuron_changes_nothing(tiny_model, tok):
+    model = load_causal_lm(tiny_model)
+    scores = mlp_importance(model, DATA, tok, 32)
+    same = prune_mlp(model, scores, model.config.intermediate_size)
+    assert evaluate_loss(same, tok, DATA, 32) == pytest.approx(evaluate_loss(model, tok, DATA, 32), abs=1e-5)
+
+
+def test_activation_scores_follow_what_the_data_uses(tiny_model, tok):
+    model = load_causal_lm(tiny_model)
+    with torch.no_grad():  # silence neuron 5 of layer 0: it never fires on any data
+        model.model.layers[0].mlp.up_proj.weight[5].zero_()
+        model.model.layers[0].mlp.down_proj.weight[:, 7].mul_(100.0)
+    act = mlp_importance(model, DATA, tok, 32)
+    assert act[0, 5] == 0 and act[0, 7] == act[0].max()
+    mag = magnitude_importance(model)
+    assert mag.shape == act.shape
+
+
+def test_healing_by_distillation_closes_part_of_the_gap(tiny_model, tok):
+    teacher = load_causal_lm(tiny_model)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    b = collate(tok, DATA, 32)
+    for _ in range(30):  # give the random model some structure worth keeping
+        loss = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                       labels=b.labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher.eval()
+    scores = mlp_importance(teacher, DATA, tok, 32)
+    student = prune_mlp(teacher, scores, 16)
+
+    def kl():
+        b = collate(tok, DATA, 32)
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(input_ids=b.input_ids).logits, -1)
+            s = torch.log_softmax(student(input_ids=b.input_ids).logits, -1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+    before = kl()
+    seen = []
+    losses = heal(student, teacher, DATA, tok, 32, steps=15, lr=1e-3, batch_size=8, progress=lambda i, n, l: seen.append(i))
+    assert seen == list(range(1, 16)) and len(losses) == 15
+    assert kl() < 0.7 * before
+
+
+def test_reduction_policy_backs_off_and_judges_perplexity():
+    p = ReductionPolicy(every=100, keep=0.6, budget=1.1)
+    assert p.keeps() == [0.6, 0.7, 0.8]
+    assert p.due(100) and not p.due(99) and not ReductionPolicy(0, 0.6, 1.1).due(10**9)
+    assert p.passes({"a": 10.0}, {"a": 10.9}) == (True, pytest.approx(1.09))
+    assert p.passes({"a": 10.0, "b": 5.0}, {"a": 10.0, "b": 6.0})[0] is False

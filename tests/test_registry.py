@@ -1,0 +1,142 @@
+"""Atomic registry writes, the ledger, and recovery from crashes between writes."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from daemon.config import load_settings
+from daemon.foundation import ensure_foundation, safetensors_params
+from daemon.lineage import LineageWorker
+from daemon.registry import Ledger, Registry, RegistryError, atomic_write_json
+from daemon.schema import Interaction
+
+
+def items(n: int, start: int = 0) -> list[Interaction]:
+    return [Interaction(entry_id=f"{i + 1}-0", id=f"i{i}", prompt=f"Item {i}:", response=f" colour {i % 3}.",
+                        meta={"domain": "d"}) for i in range(start, start + n)]
+
+
+def settings(tmp_path, tiny_model, **kw):
+    base = dict(home=tmp_path / "home", base_model=tiny_model, batch_size=4, max_seq_len=32, learning_rate=3e-3,
+                heal_steps=2, reduce_every=0, heldout_fraction=0.25)
+    return load_settings(**{**base, **kw})
+
+
+def test_foundation_from_a_model_dir(tmp_path, tiny_model):
+    s = settings(tmp_path, tiny_model)
+    d = Registry(s.registry_root).lineage("main")
+    assert ensure_foundation(d, s.base_model) == "gen-0000"
+    card = d.card("gen-0000")
+    assert card["parent"] is None and card["generation"] == 0 and card["lineage"] == "main"
+    m = AutoModelForCausalLM.from_pretrained(d.path / "gen-0000")
+    assert card["n_params"] == m.num_parameters() == safetensors_params(d.path / "gen-0000")
+    assert ensure_foundation(d, s.base_model) == "gen-0000"  # idempotent
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(RegistryError, match="safetensors"):
+        ensure_foundation(Registry(tmp_path / "r").lineage("main"), bad)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "UPPER", ".hidden", "x" * 65])
+def test_lineage_names_cannot_escape_the_registry(tmp_path, name):
+    with pytest.raises(RegistryError):
+        Registry(tmp_path).lineage(name)
+
+
+def test_ledger_forgets_steps_that_never_became_durable(tmp_path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.record([("a", "learned"), ("b", "learned")], 1)
+    led.record([("c", "learned")], 2)
+    assert led.seen(["a", "c", "z"]) == {"a", "c"}
+    assert led.forget_after(1) == 1
+    assert led.seen(["a", "b", "c"]) == {"a", "b"}
+
+
+def test_atomic_json_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {"a": 1})
+    atomic_write_json(tmp_path / "x.json", {"a": 2})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_worker_resumes_from_live_and_ignores_an_unpublished_step(tmp_path, tiny_model):
+    s = settings(tmp_path, tiny_model)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    rep = w.learn(items(12))
+    assert rep.learned + rep.heldout_added == 12 and sorted(rep.ack) == sorted(i.entry_id for i in items(12))
+    step = w.step
+    # A crash after the ledger recorded the next step but before live/ switched to it:
+    w.ledger.record([("ghost", "learned")], step + 1)
+    w.dir.new_checkpoint_dir(step + 1)  # a half-written checkpoint
+    w.close()
+    w2 = LineageWorker(s, "main")
+    assert w2.step == step
+    assert w2.ledger.seen(["ghost"]) == set()
+    assert w2.ledger.seen([i.id for i in items(12)]) == {i.id for i in items(12)}
+    assert len(list((w2.dir.path / ".live").iterdir())) == 1
+    again = w2.learn(items(12))
+    assert again.duplicates == 12 and again.learned == 0 and again.steps == 0
+    assert len(w2.replay) == len(w.replay) > 0
+
+
+def test_gate_rolls_back_a_harmful_update(tmp_path, tiny_model):
+    s = settings(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn(items(40))  # builds held-out data for domain "d"
+    ref = {n: p.detach().clone() for n, p in w.learner.params.items()}
+    poison = [Interaction(entry_id=f"{100 + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ @@@@ ~~~~ " * 3,
+                          meta={"domain": "junk"}) for i in range(30)]
+    rep = w.learn(poison)
+    assert rep.rollback in ("regression", "forgetting") and rep.learned == 0
+    import torch
+
+    assert all(torch.equal(ref[n], p) for n, p in w.learner.params.items())
+    assert w.ledger.count("rolled_back") == rep.received - rep.heldout_added
+    assert w.counters["rollbacks"] == 1
+
+
+def test_failed_reduction_gate_leaves_current_untouched(tmp_path, tiny_model):
+    s = settings(tmp_path, tiny_model, reduce_budget=1.0, reduce_keep=0.2, heal_steps=0)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn(items(24))
+    rep = w.reduce()
+    assert rep.outcome == "rejected"
+    assert (w.dir.path / "CURRENT").read_text().strip() == "gen-0000"
+    assert w.dir.generations() == ["gen-0000"]
+    assert not [p for p in w.dir.path.iterdir() if p.name.startswith(".staging")]
+    # It keeps learning on the same generation and adapter afterwards.
+    assert w.learn(items(8, start=24)).learned > 0
+
+
+def test_crash_between_generation_write_and_current_switch(tmp_path, tiny_model):
+    s = settings(tmp_path, tiny_model, reduce_budget=5.0)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn(items(24))
+    d = w.dir
+    d_set_current = d.set_current
+    d.set_current = lambda gen: (_ for _ in ()).throw(KeyboardInterrupt())  # the "crash"
+    with pytest.raises(KeyboardInterrupt):
+        w.reduce()
+    d.set_current = d_set_current
+    w.close()
+    # gen-0001 exists but CURRENT still names gen-0000: the registry loads and the learner resumes.
+    assert d.generations() == ["gen-0000", "gen-0001"] and d.current() == "gen-0000"
+    AutoModelForCausalLM.from_pretrained(d.path / "gen-0001")
+    w2 = LineageWorker(s, "main")
+    assert w2.generation == "gen-0000" and w2.learn(items(8, start=24)).received == 8
+    # The next reduction takes the next free name and becomes current.
+    rep = w2.reduce()
+    assert rep.outcome == "promoted" and rep.generation == "gen-0002" and d.current() == "gen-0002"
+    assert d.card("gen-0002")["parent"] == "main/gen-0000"
