@@ -29,7 +29,7 @@ test: install services
 	$(PY) -m pytest -x -q tests
 
 bench: install
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cascade

@@ -1,37 +1,148 @@
-"""Real text found on this machine, turned into interactions (for the demo and the benchmarks)."""
+"""Real text found on this machine, turned into interactions (for the demo and the benchmarks).
+
+Each source yields *documents* (one file, or one chapter); train and held-out data are split by
+document, never by line. ``interactions(doc, ...)`` cuts a document into records whose prompt is the
+document's name plus the text just before a chunk and whose response is the chunk.
+"""
 from __future__ import annotations
 
+import glob
+import gzip
+import html.parser
 import random
+import re
+import subprocess
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
-def python_sources(limit_files: int = 400, seed: int = 0) -> list[Path]:
-    """Python standard-library source files (no tests, no site-packages), in a fixed shuffled order."""
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+def _read(p: Path) -> str | None:
+    try:
+        return p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return None
+
+
+def python_docs(limit: int, seed: int = 0) -> list[Document]:
+    """Python standard-library sources (no tests, no site-packages, no idlelib)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py")
-                   if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
-                   and "idlelib" not in p.parts and p.stat().st_size > 2000)
+                   if not {"site-packages", "test", "tests", "idlelib"} & set(p.relative_to(root).parts)
+                   and p.stat().st_size > 2000)
+    return _take(files, limit, seed, lambda p: p.relative_to(root).as_posix())
+
+
+def perl_docs(limit: int, seed: int = 0) -> list[Document]:
+    files = sorted({Path(p).resolve() for p in glob.glob("/usr/share/perl/*/**/*.pm", recursive=True)
+                    if Path(p).stat().st_size > 2000})
+    return _take(files, limit, seed, lambda p: p.name)
+
+
+def c_header_docs(limit: int, seed: int = 0) -> list[Document]:
+    files = sorted(p for p in Path("/usr/include").rglob("*.h") if p.is_file() and p.stat().st_size > 2000)
+    return _take(files, limit, seed, lambda p: p.relative_to("/usr/include").as_posix())
+
+
+def man_docs(limit: int, seed: int = 0) -> list[Document]:
+    """Section 1-8 man pages rendered to plain text with groff (generated gcloud pages skipped)."""
+    files = sorted(p for s in range(1, 9) for p in Path(f"/usr/share/man/man{s}").glob("*.gz")
+                   if not p.name.startswith("gcloud") and p.stat().st_size > 1500)
     random.Random(seed).shuffle(files)
-    return files[:limit_files]
-
-
-def code_interactions(files: list[Path], chars: int = 360, per_file: int = 4, domain: str = "python") -> Iterator[dict]:
-    """Records ``{"prompt", "response", "meta"}``: the prompt names the file and gives the lines
-    before, the response is the next chunk of the file."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for f in files:
+    out = []
+    for p in files:
+        if len(out) >= limit:
+            break
         try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+            src = gzip.decompress(p.read_bytes())
+            text = subprocess.run(["groff", "-man", "-Tutf8", "-P-cbou", "-rHY=0", "-dAD=l"], input=src,
+                                  capture_output=True, timeout=20).stdout.decode("utf-8", "replace")
+        except (OSError, subprocess.SubprocessError):
             continue
-        rel = f.relative_to(root).as_posix()
-        start = min(len(text) // 5, 2000)
-        for k in range(per_file):
-            a = start + k * chars * 2
-            body = text[a : a + chars]
-            if len(body) < chars // 2:
-                break
-            context = text[max(0, a - 200) : a]
-            yield {"prompt": f"# {rel}\n{context}", "response": body, "meta": {"domain": domain, "file": rel}}
+        text = re.sub(r"\n{3,}", "\n\n", text).strip()
+        if len(text) > 2000:
+            out.append(Document(p.name.removesuffix(".gz"), text))
+    return out
+
+
+class _Text(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style", "nav"):
+            self.skip += 1
+        elif tag in ("p", "pre", "h1", "h2", "h3", "li", "br"):
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style", "nav") and self.skip:
+            self.skip -= 1
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data)
+
+
+def rust_book_docs(limit: int, seed: int = 0) -> list[Document]:
+    """Chapters of the Rust books bundled with rustup's toolchain (print.html split at <h1>)."""
+    books = sorted(glob.glob("/root/.rustup/toolchains/*/share/doc/rust/html/*/print.html")
+                   + glob.glob("/usr/share/doc/rust*/html/*/print.html"))
+    docs: list[Document] = []
+    seen = set()
+    for b in books:
+        raw = Path(b).read_text(encoding="utf-8", errors="replace")
+        for i, chapter in enumerate(re.split(r"<h1[^>]*>", raw)[1:]):
+            p = _Text()
+            p.feed(chapter)
+            text = re.sub(r"\n{3,}", "\n\n", "".join(p.parts)).strip()
+            key = text[:200]
+            if len(text) > 2000 and key not in seen:
+                seen.add(key)
+                docs.append(Document(f"{Path(b).parent.name}#{i}", text))
+    random.Random(seed).shuffle(docs)
+    return docs[:limit]
+
+
+def _take(files: list[Path], limit: int, seed: int, name: Callable[[Path], str]) -> list[Document]:
+    random.Random(seed).shuffle(files)
+    out = []
+    for p in files:
+        if len(out) >= limit:
+            break
+        text = _read(p)
+        if text and len(text) > 2000:
+            out.append(Document(name(p), text))
+    return out
+
+
+SOURCES: dict[str, Callable[[int, int], list[Document]]] = {
+    "python": python_docs, "perl": perl_docs, "c": c_header_docs, "man": man_docs, "rust": rust_book_docs,
+}
+
+
+def interactions(doc: Document, domain: str, chars: int = 360, per_doc: int = 4, context: int = 200) -> Iterator[dict]:
+    """Records ``{"prompt", "response", "meta"}`` cut from one document."""
+    text = doc.text
+    start = min(len(text) // 5, 2000)
+    for k in range(per_doc):
+        a = start + k * chars * 2
+        body = text[a : a + chars]
+        if len(body) < chars // 2:
+            break
+        yield {"prompt": f"# {doc.name}\n{text[max(0, a - context) : a]}", "response": body,
+               "meta": {"domain": domain, "doc": doc.name}}
+
+
+def code_interactions(limit_files: int = 60, seed: int = 0) -> list[dict]:
+    """The demo's data: chunks of Python standard-library sources."""
+    return [rec for d in python_docs(limit_files, seed) for rec in interactions(d, "python")]

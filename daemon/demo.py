@@ -15,7 +15,7 @@ import threading
 import time
 
 from daemon.config import Settings
-from daemon.corpus import code_interactions, python_sources
+from daemon.corpus import code_interactions
 from daemon.registry import Registry
 from daemon.stream import group_info
 
@@ -24,7 +24,7 @@ log = logging.getLogger("cascade.demo")
 # Demo-sized defaults, used unless the operator set the same names (environment or --config).
 DEMO_DEFAULTS = {"max_seq_len": 128, "batch_size": 8, "window_steps": 2, "reduce_every": 0,
                  "heldout_fraction": 0.12, "heal_steps": 12, "calibration_items": 48, "learning_rate": 3e-4,
-                 "reduce_keep": 0.8}
+                 "reduce_keep": 0.9}
 DEMO_INTERACTIONS = 128
 
 
@@ -36,14 +36,14 @@ def run_demo(settings: Settings) -> int:
     settings = load_settings(None, **{**settings.model_dump(include=settings.model_fields_set), **overrides})
     print(f"cascade demo: state in {settings.home.resolve()}; converting the foundation on first run may take a minute")
     daemon = Daemon(settings)
-    promoted = threading.Event()
-    daemon.on_generation = lambda lineage, card: promoted.set()
+    promoted, outcome = threading.Event(), {}
+    daemon.on_reduction = lambda rep: (outcome.update(report=rep), promoted.set())
     daemon.start()
     daemon.install_signal_handlers()  # after ray.init, which installs handlers of its own
     runner = threading.Thread(target=daemon.run, name="daemon", daemon=True)
     runner.start()
 
-    records = list(code_interactions(python_sources(limit_files=60, seed=settings.seed)))[:DEMO_INTERACTIONS]
+    records = code_interactions(limit_files=60, seed=settings.seed)[:DEMO_INTERACTIONS]
     pipe = daemon.redis.pipeline(transaction=False)
     for i, rec in enumerate(records):
         pipe.xadd(settings.stream, {"prompt": rec["prompt"], "response": rec["response"], "id": f"demo-{i}",
@@ -77,8 +77,12 @@ def run_demo(settings: Settings) -> int:
         daemon.request_stop()
         runner.join(timeout=600)
         daemon.stop()
-    if not promoted.is_set():
-        print("cascade demo: stopped before a generation was promoted")
+    rep = outcome.get("report")
+    if rep is None:
+        print("cascade demo: stopped before the reduction finished")
+        return 1
+    if rep.outcome != "promoted":
+        print(f"cascade demo: the reduction was {rep.outcome}: {rep.detail[:300]}")
         return 1
     return _summary(registry, settings, gen0)
 

@@ -28,6 +28,7 @@ from daemon.schema import Interaction
 from daemon.stream import connect
 
 log = logging.getLogger("cascade.daemon")
+MAX_LEARN_ATTEMPTS = 3
 
 
 def package_version() -> str:
@@ -67,11 +68,12 @@ class Daemon:
         self.buffers: dict[str, collections.deque[Interaction]] = collections.defaultdict(collections.deque)
         self.jobs: dict[object, Job] = {}
         self.reduce_requests: dict[str, str] = {}
+        self.failures: dict[str, int] = {}  # first entry id of a window -> failed attempts
         self.paused = False
         self.redis_ok = False
         self.last_report: dict[str, dict] = {}
         self.generations_promoted = 0
-        self.on_generation = None  # optional callback(lineage, card)
+        self.on_reduction = None  # optional callback(ReductionReport), called for every outcome
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "Daemon":
@@ -303,16 +305,26 @@ class Daemon:
         job = self.jobs.pop(ref)
         try:
             rep = ray.get(ref)
-        except Exception as e:
-            # The learner died (or raised): nothing of this window was acknowledged; its entries
-            # stay pending in Redis and are re-read after the actor restarts from its checkpoint.
+        except Exception as e:  # noqa: BLE001
+            # The learner died (Ray restarts it from its checkpoint) or raised: nothing of this
+            # window was acknowledged, so it is dispatched again, up to MAX_LEARN_ATTEMPTS times.
             log.error("lineage %s: %s failed: %s", job.lineage, job.kind, e)
-            if job.kind == "learn":
-                self.buffers[job.lineage].extendleft(reversed(job.payload))
-            else:
+            if job.kind == "reduce":
                 self.metrics.reductions.labels(job.lineage, "failed").inc()
+                return
+            key = job.payload[0].entry_id
+            self.failures[key] = self.failures.get(key, 0) + 1
+            if self.failures[key] < MAX_LEARN_ATTEMPTS:
+                self.buffers[job.lineage].extendleft(reversed(job.payload))
+                return
+            # A window that fails again and again is dead-lettered rather than retried forever.
+            del self.failures[key]
+            for it in job.payload:
+                self.ingest.dead_letter.remote(it, "learn_failed", f"learning failed {MAX_LEARN_ATTEMPTS} times: {e}"[:300])
+            self.metrics.rejected.labels("learn_failed").inc(len(job.payload))
             return
         if job.kind == "learn":
+            self.failures.pop(job.payload[0].entry_id, None)
             self._on_learned(rep)
         else:
             self._on_reduced(rep)
@@ -343,9 +355,14 @@ class Daemon:
     def _on_reduced(self, rep) -> None:
         self.metrics.reductions.labels(rep.lineage, rep.outcome).inc()
         self.metrics.reduction_seconds.observe(rep.seconds)
-        if rep.outcome != "promoted":
+        if rep.outcome == "promoted":
+            self._promote(rep)
+        else:
             log.warning("lineage %s: reduction %s: %s", rep.lineage, rep.outcome, rep.detail[:500])
-            return
+        if self.on_reduction:
+            self.on_reduction(rep)
+
+    def _promote(self, rep) -> None:
         path = self.registry.lineage(rep.lineage).path / rep.generation
         self.redis.xadd(self.s.generations_stream, {
             "lineage": rep.lineage, "generation": rep.generation, "path": str(path.resolve()),
@@ -354,8 +371,6 @@ class Daemon:
         self.generations_promoted += 1
         log.info("lineage %s: generation %s promoted (%d -> %d parameters)", rep.lineage, rep.generation,
                  rep.n_params_before, rep.n_params_after)
-        if self.on_generation:
-            self.on_generation(rep.lineage, rep.card)
 
 
 def ray_get_ack(ingest, entry_ids: list[str]) -> int:

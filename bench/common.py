@@ -1,0 +1,117 @@
+"""Shared pieces of the benchmarks: the cached foundation, a daemon subprocess, waiting, evaluating."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import learners  # noqa: F401  (environment guards first)
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+CACHE = ROOT / ".cache"
+
+
+def foundation() -> Path:
+    """SmolLM2-135M converted once into bench/.cache (reused by every benchmark run)."""
+    from daemon.foundation import ensure_foundation
+    from daemon.registry import Registry
+
+    d = Registry(CACHE / "registry").lineage("main")
+    ensure_foundation(d, None)
+    return d.path / "gen-0000"
+
+
+class Daemon:
+    """``cascade run`` as a subprocess on its own CASCADE_HOME with an embedded Redis."""
+
+    def __init__(self, home: Path, settings: dict[str, object], log_name: str) -> None:
+        if home.exists():
+            shutil.rmtree(home)
+        home.mkdir(parents=True)
+        self.home = home
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+        self.env.update({f"CASCADE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.env["CASCADE_HOME"] = str(home)
+        self.log = open(home / log_name, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.redis = self._connect()
+
+    def _connect(self, timeout: float = 300):
+        from daemon.embedded_redis import EmbeddedRedis
+        from daemon.stream import connect
+
+        sock = EmbeddedRedis(self.home).socket
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: see {self.home}")
+            if sock.exists() and (self.home / "daemon.pid").exists():
+                return connect(f"unix://{sock}")
+            time.sleep(0.5)
+        raise TimeoutError("daemon did not start")
+
+    def publish(self, records: list[dict], stream: str = "cascade:interactions") -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for i, rec in enumerate(records):
+            fields = {"prompt": rec["prompt"], "response": rec["response"], "meta": json.dumps(rec["meta"])}
+            if "id" in rec:
+                fields["id"] = rec["id"]
+            pipe.xadd(stream, fields)
+        pipe.execute()
+
+    def wait_drained(self, timeout: float = 7200) -> None:
+        from daemon.stream import group_info
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = group_info(self.redis, "cascade:interactions", "cascade")
+            if info.lag == 0 and info.pending == 0:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: see {self.home}")
+            time.sleep(1.0)
+        raise TimeoutError("stream not drained")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def live_model(home: Path, lineage: str = "main"):
+    """The lineage's live model: its current generation plus the live adapter (if on it)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from daemon.registry import Registry
+    from learners.update import load_causal_lm
+
+    d = Registry(home / "registry").lineage(lineage)
+    gen = d.current_dir()
+    model = load_causal_lm(gen)
+    state = d.live_state()
+    if state and state.get("base") == d.current():
+        model = PeftModel.from_pretrained(model, str(d.live_target()))
+    return model.eval(), AutoTokenizer.from_pretrained(str(gen))
+
+
+def write_json(name: str, doc: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    p = RESULTS / name
+    p.write_text(json.dumps(doc, indent=1) + "\n")
+    return p
+
+
+def ppl(loss: float) -> float:
+    return math.exp(loss) if math.isfinite(loss) else float("inf")

@@ -1,0 +1,176 @@
+"""Domain-incremental continual learning through the real daemon, on SmolLM2-135M.
+
+Four real corpora found on this machine arrive one after another as interactions (Redis stream in,
+wait for lag 0 / pending 0, evaluate ``live/`` on every domain's held-out documents after each stage).
+Train and held-out data are split by document. Configurations, side by side in one run:
+
+* ``naive``   - CASCADE_REPLAY_RATIO=0 CASCADE_CONSTRAINTS=none CASCADE_GATE=off
+* ``default`` - the daemon's defaults (replay, anchor, distillation, clipping, gate)
+* ``joint``   - every stage's interactions shuffled together and learned in one pass (the upper
+                reference), with naive's settings
+
+All take the same number of optimizer steps over the same new interactions (``NEW_PER_STEP`` new
+rows a step); ``default`` adds replayed rows to each step.
+
+Usage: ``python -m bench.continual [--quick]``; writes bench/results/continual[-quick].json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+
+from bench.common import RESULTS, Daemon, foundation, live_model, ppl, write_json
+
+DOMAINS = ["man", "python", "rust", "c"]
+NEW_PER_STEP = 4
+
+
+def load_data(per_stage: int, heldout: int, seed: int = 0) -> tuple[dict, dict]:
+    from daemon.corpus import SOURCES, interactions
+    from learners.data import Example
+
+    train, held = {}, {}
+    for d in DOMAINS:
+        docs = SOURCES[d](per_stage // 3 + heldout // 3 + 8, seed)
+        n_held_docs = max(2, heldout // 3 + 1)
+        h_docs, t_docs = docs[:n_held_docs], docs[n_held_docs:]
+        recs = [r for doc in t_docs for r in interactions(doc, d)]
+        random.Random(seed).shuffle(recs)
+        train[d] = [{**r, "id": f"{d}-{i}"} for i, r in enumerate(recs[:per_stage])]
+        held[d] = [Example(id=f"h-{d}-{i}", prompt=r["prompt"], response=r["response"], domain=d)
+                   for i, r in enumerate(r for doc in h_docs for r in interactions(doc, d))][:heldout]
+        assert len(train[d]) == per_stage, (d, len(train[d]))
+    return train, held
+
+
+def evaluate(home, held, max_seq_len: int) -> dict[str, float]:
+    import torch
+
+    from learners.update import evaluate_loss
+
+    torch.set_num_threads(2)
+    model, tok = live_model(home)
+    return {d: evaluate_loss(model, tok, ex, max_seq_len, 8) for d, ex in held.items()}
+
+
+def run_config(name: str, settings: dict, train: dict, held: dict, work, max_seq_len: int) -> dict:
+    t0 = time.monotonic()
+    daemon = Daemon(work / name, settings, "daemon.log")
+    rows = []
+    try:
+        if name == "joint":
+            everything = [r for d in DOMAINS for r in train[d]]
+            random.Random(1).shuffle(everything)
+            daemon.publish(everything)
+            daemon.wait_drained()
+            rows.append(evaluate(daemon.home, held, max_seq_len))
+        else:
+            for d in DOMAINS:
+                daemon.publish(train[d])
+                daemon.wait_drained()
+                rows.append(evaluate(daemon.home, held, max_seq_len))
+                print(f"  {name}: after {d}: " + " ".join(f"{k}={v:.3f}" for k, v in rows[-1].items()), flush=True)
+        state = json.loads((daemon.home / "registry/main/live/state.json").read_text())
+    finally:
+        daemon.stop()
+    return {"R": [[row[d] for d in DOMAINS] for row in rows], "seconds": time.monotonic() - t0,
+            "update_steps": state["update_steps"], "interactions_learned": state["interactions_learned"],
+            "rollbacks": state["counters"].get("rollbacks", 0), "settings": settings}
+
+
+def summarize(res: dict, base: list[float]) -> dict:
+    R = res["R"]
+    final = R[-1]
+    out = {"avg_final_loss": sum(final) / len(final), "avg_final_ppl": sum(ppl(x) for x in final) / len(final)}
+    if len(R) == len(DOMAINS):
+        T = len(DOMAINS)
+        out["forgetting"] = [max(0.0, final[d] - min(R[s][d] for s in range(d, T))) for d in range(T - 1)]
+        out["avg_forgetting"] = sum(out["forgetting"]) / (T - 1)
+        out["backward_transfer"] = sum(R[d][d] - final[d] for d in range(T - 1)) / (T - 1)
+        out["plasticity"] = [R[d][d] for d in range(T)]
+        out["plasticity_gain"] = [base[d] - R[d][d] for d in range(T)]
+    return out
+
+
+def plot(doc: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    staged = [k for k, v in doc["configs"].items() if len(v["R"]) == len(DOMAINS)]
+    fig, axes = plt.subplots(1, len(staged), figsize=(4.2 * len(staged), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], staged):
+        R = doc["configs"][name]["R"]
+        im = ax.imshow(R, cmap="viridis_r")
+        ax.set_xticks(range(len(DOMAINS)), DOMAINS)
+        ax.set_yticks(range(len(DOMAINS)), [f"after {d}" for d in DOMAINS])
+        for i, row in enumerate(R):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set_title(f"{name}: held-out loss R[stage][domain]")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a smoke run: few interactions per stage")
+    ap.add_argument("--configs", default="naive,default,joint")
+    args = ap.parse_args(argv)
+    per_stage, heldout, seq = (16, 8, 96) if args.quick else (160, 24, 128)
+    base_model = foundation()
+    train, held = load_data(per_stage, heldout)
+    common = {"base_model": base_model, "max_seq_len": seq, "learning_rate": 5e-4, "reduce_every": 0,
+              "window_steps": 4, "metrics_port": 0, "heldout_fraction": 0.05}
+    configs = {
+        "naive": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
+        "default": {**common, "batch_size": 2 * NEW_PER_STEP},
+        "joint": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
+    }
+    work = RESULTS.parent / ".work" / "continual"
+    base = evaluate_foundation(base_model, held, seq)
+    print("foundation: " + " ".join(f"{k}={v:.3f}" for k, v in base.items()), flush=True)
+    doc = {"domains": DOMAINS, "per_stage": per_stage, "heldout_per_domain": heldout, "max_seq_len": seq,
+           "new_per_step": NEW_PER_STEP, "foundation_loss": [base[d] for d in DOMAINS], "configs": {}}
+    for name in args.configs.split(","):
+        print(f"running {name}", flush=True)
+        res = run_config(name, configs[name], train, held, work, seq)
+        res["summary"] = summarize(res, doc["foundation_loss"])
+        doc["configs"][name] = res
+        res["settings"] = {k: str(v) for k, v in res["settings"].items()}
+        print(f"  {name}: {json.dumps(res['summary'])}", flush=True)
+    suffix = "-quick" if args.quick else ""
+    write_json(f"continual{suffix}.json", doc)
+    plot(doc, RESULTS / f"continual{suffix}.png")
+    print_table(doc)
+    return 0
+
+
+def evaluate_foundation(base_model, held, seq) -> dict[str, float]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from learners.update import evaluate_loss, load_causal_lm
+
+    torch.set_num_threads(2)
+    model, tok = load_causal_lm(base_model), AutoTokenizer.from_pretrained(str(base_model))
+    return {d: evaluate_loss(model, tok, ex, seq, 8) for d, ex in held.items()}
+
+
+def print_table(doc: dict) -> None:
+    print(f"\n{'config':<10}{'avg final ppl':>15}{'avg forgetting':>16}{'BWT':>9}  plasticity (loss after own stage)")
+    for name, res in doc["configs"].items():
+        s = res["summary"]
+        f = f"{s['avg_forgetting']:.4f}" if "avg_forgetting" in s else "-"
+        b = f"{s['backward_transfer']:.4f}" if "backward_transfer" in s else "-"
+        p = " ".join(f"{x:.3f}" for x in s.get("plasticity", [])) or "-"
+        print(f"{name:<10}{s['avg_final_ppl']:>15.3f}{f:>16}{b:>9}  {p}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,15 @@
+"""``make bench``: every benchmark in turn (``--quick`` for a smoke run of each)."""
+from __future__ import annotations
+
+import sys
+
+from bench import continual
+
+
+def main(argv: list[str]) -> int:
+    quick = ["--quick"] if "--quick" in argv else []
+    return continual.main(quick)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
