@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     anchor_weight: float = Field(1.0, ge=0)
     distill_weight: float = Field(0.5, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    max_update_norm: float = Field(1.0, gt=0, description="cap on the L2 change of the adapter in one step")
     gate: bool = Field(True, description="on/off: the held-out check that rolls an update back")
     gate_step_budget: float = Field(0.05, gt=0, description="nats a held-out source may rise in one window")
     gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best")
@@ -139,7 +140,7 @@ class Settings(BaseSettings):
                             max_seq_len=self.max_seq_len, replay_ratio=self.replay_ratio,
                             constraints=self.constraint_set, anchor_weight=self.anchor_weight,
                             distill_weight=self.distill_weight, max_grad_norm=self.max_grad_norm,
-                            bf16=self.precision == "bf16", seed=self.seed)
+                            max_update_norm=self.max_update_norm, bf16=self.precision == "bf16", seed=self.seed)
 
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)

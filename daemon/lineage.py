@@ -189,7 +189,8 @@ class LineageWorker:
                 after, decision = {}, None
             if decision is None or decision.accept:
                 self.learner.accept()
-                self.replay.extend([ex for ex in train if ex.reward > 0])
+                if self.learner.config.replay_count():
+                    self.replay.extend([ex for ex in train if ex.reward > 0])
                 self.recent.extend(train)
                 for d, v in after.items():
                     self.best[d] = min(v, self.best.get(d, math.inf))

@@ -8,8 +8,10 @@ interactions with replayed ones. The loss, read top to bottom:
     distill  = KL(p_generation || p_adapted) on replayed rows   ("distill": keep old behaviour)
     loss     = task + anchor_weight * anchor + distill_weight * distill
 
-then gradients are clipped to ``max_grad_norm`` ("clip"). Which terms are on is ``constraints``;
-an empty set is plain sequential LoRA fine-tuning.
+then ("clip") gradients are clipped to ``max_grad_norm`` and the change the optimizer makes to the
+adapter in one step is capped at ``max_update_norm`` (L2), so no single batch can move the adapter
+far whatever the optimizer's state. Which terms are on is ``constraints``; an empty set is plain
+sequential LoRA fine-tuning.
 
 Reward: ``r > 0`` weights the negative log-likelihood of the response by ``r``; ``r < 0`` applies
 unlikelihood, ``-log(1 - p(token))`` weighted by ``|r|``, pushing the response's tokens down;
@@ -44,6 +46,7 @@ class UpdateConfig:
     anchor_weight: float = 1.0
     distill_weight: float = 0.5
     max_grad_norm: float = 1.0
+    max_update_norm: float = 1.0
     bf16: bool = False
     seed: int = 0
 
@@ -61,6 +64,7 @@ class StepReport:
     anchor: float
     distill: float
     grad_norm: float
+    update_norm: float
     n_new: int
     n_replay: int
     tokens: int
@@ -199,12 +203,23 @@ class ContinualLearner:
         loss.backward()
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-        if "clip" in cfg.constraints and cfg.max_grad_norm > 0:
+        clip = "clip" in cfg.constraints
+        if clip and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.max_grad_norm)
+        update_norm = 0.0
         if math.isfinite(grad_norm):
+            before = [p.detach().clone() for p in self.params.values()]
             self.optimizer.step()
+            with torch.no_grad():
+                deltas = [p - b for p, b in zip(self.params.values(), before)]
+                update_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in deltas])))
+                if clip and cfg.max_update_norm > 0 and update_norm > cfg.max_update_norm:
+                    scale = cfg.max_update_norm / update_norm
+                    for p, b, d in zip(self.params.values(), before, deltas):
+                        p.copy_(b + d * scale)
         return StepReport(loss=loss.item(), task_loss=task.item(), anchor=anchor.item(), distill=distill.item(),
-                          grad_norm=grad_norm, n_new=len(new), n_replay=len(replay), tokens=batch.n_tokens)
+                          grad_norm=grad_norm, update_norm=update_norm, n_new=len(new), n_replay=len(replay),
+                          tokens=batch.n_tokens)
 
     def evaluate(self, examples: Sequence[Example]) -> float:
         return evaluate_loss(self.model, self.tokenizer, examples, self.config.max_seq_len,

@@ -24,7 +24,7 @@ def test_gguf_is_converted_once_into_a_standard_gen_0000(tmp_path):
     with torch.no_grad():
         loss = model(**tok("import os\nimport sys\n", return_tensors="pt"),
                      labels=tok("import os\nimport sys\n", return_tensors="pt")["input_ids"]).loss
-    assert float(loss) < 4.0  # a real pretrained model, not random weights (random: ~10.8)
+    assert float(loss) < 6.0  # a real pretrained model, not random weights (random: ~10.8)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
     mtime = (gen / "model.safetensors").stat().st_mtime

@@ -109,6 +109,15 @@ def test_gradient_clipping_bounds_the_step(tiny_model, tok):
     assert delta(frozenset({"clip"})) <= 1.01e-4 < delta(frozenset())
 
 
+def test_one_step_cannot_move_the_adapter_further_than_the_cap(tiny_model, tok):
+    L = make(tiny_model, tok, constraints=frozenset({"clip"}), max_grad_norm=1e6, max_update_norm=0.01)
+    L.optimizer = torch.optim.SGD(L.params.values(), lr=10.0)
+    ref = {n: p.detach().clone() for n, p in L.params.items()}
+    r = L.step(DATA[:4])
+    moved = sum(float(((p.detach() - ref[n]) ** 2).sum()) for n, p in L.params.items()) ** 0.5
+    assert r.update_norm > 0.01 and moved == pytest.approx(0.01, rel=1e-3)
+
+
 def test_negative_reward_pushes_the_response_down(tiny_model, tok):
     target = [Example("n", "Say:", " forbidden phrase here.", reward=-1.0)]
     L = make(tiny_model, tok, constraints=frozenset())

@@ -89,13 +89,14 @@ def test_worker_resumes_from_live_and_ignores_an_unpublished_step(tmp_path, tiny
 
 
 def test_gate_rolls_back_a_harmful_update(tmp_path, tiny_model):
-    s = settings(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01)
+    s = settings(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01,
+                 constraints="none")  # the gate alone must catch it
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
-    w.learn(items(40))  # builds held-out data for domain "d"
+    w.learn(items(120))  # learns domain "d" and builds its held-out set
     ref = {n: p.detach().clone() for n, p in w.learner.params.items()}
     poison = [Interaction(entry_id=f"{100 + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ @@@@ ~~~~ " * 3,
-                          meta={"domain": "junk"}) for i in range(30)]
+                          meta={"domain": "junk"}) for i in range(80)]
     rep = w.learn(poison)
     assert rep.rollback in ("regression", "forgetting") and rep.learned == 0
     import torch
@@ -103,6 +104,20 @@ def test_gate_rolls_back_a_harmful_update(tmp_path, tiny_model):
     assert all(torch.equal(ref[n], p) for n, p in w.learner.params.items())
     assert w.ledger.count("rolled_back") == rep.received - rep.heldout_added
     assert w.counters["rollbacks"] == 1
+
+
+def test_naive_settings_really_switch_everything_off(tmp_path, tiny_model):
+    s = settings(tmp_path, tiny_model, learning_rate=0.05, replay_ratio=0, constraints="none", gate=False)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    assert w.learner.config.replay_count() == 0 and w.learner.config.constraints == frozenset()
+    first = w.learn(items(40))
+    poison = [Interaction(entry_id=f"{100 + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ " * 6)
+              for i in range(30)]
+    rep = w.learn(poison)
+    assert first.heldout_added == 0 and rep.heldout_added == 0 and w.heldout == {}
+    assert rep.rollback is None and rep.learned == 30 and len(w.replay) == 0
+    assert w.counters["interactions_learned"] == 70
 
 
 def test_failed_reduction_gate_leaves_current_untouched(tmp_path, tiny_model):
