@@ -8,6 +8,9 @@ Train and held-out data are split by document. Configurations, side by side in o
 * ``default`` - the daemon's defaults (replay, anchor, distillation, clipping, gate)
 * ``joint``   - every stage's interactions shuffled together and learned in one pass (the upper
                 reference), with naive's settings
+* ``avalanche-replay``, ``avalanche-ewc``, ``avalanche-lwf`` - avalanche-lib's Naive strategy with its
+                Replay, EWC and LwF plugins on the same model, adapter, data and steps
+                (``bench/avalanche_baselines.py``; these run in-process, not through the daemon)
 
 All take the same number of optimizer steps over the same new interactions (``NEW_PER_STEP`` new
 rows a step); ``default`` adds replayed rows to each step.
@@ -26,6 +29,7 @@ from bench.common import RESULTS, Daemon, foundation, live_model, ppl, write_jso
 
 DOMAINS = ["man", "python", "rust", "c"]
 NEW_PER_STEP = 4
+LEARNING_RATE = 1e-3
 
 
 def load_data(per_stage: int, heldout: int, seed: int = 0) -> tuple[dict, dict]:
@@ -81,6 +85,20 @@ def run_config(name: str, settings: dict, train: dict, held: dict, work, max_seq
             "rollbacks": state["counters"].get("rollbacks", 0), "settings": settings}
 
 
+def run_avalanche(name: str, base_model, train: dict, held: dict, seq: int) -> dict:
+    import torch
+
+    from bench.avalanche_baselines import run_strategy
+
+    torch.set_num_threads(2)
+    t0 = time.monotonic()
+    R = run_strategy(name, base_model, DOMAINS, train, held, seq, LEARNING_RATE, rank=16,
+                     new_per_step=NEW_PER_STEP, replay_rows=NEW_PER_STEP, mem_size=2000)
+    n = sum(len(v) for v in train.values())
+    return {"R": R, "seconds": time.monotonic() - t0, "update_steps": n // NEW_PER_STEP,
+            "interactions_learned": n, "rollbacks": 0, "settings": {"strategy": name, "learning_rate": LEARNING_RATE}}
+
+
 def summarize(res: dict, base: list[float]) -> dict:
     R = res["R"]
     final = R[-1]
@@ -120,12 +138,12 @@ def plot(doc: dict, path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run: few interactions per stage")
-    ap.add_argument("--configs", default="naive,default,joint")
+    ap.add_argument("--configs", default="naive,default,joint,avalanche-replay,avalanche-ewc,avalanche-lwf")
     args = ap.parse_args(argv)
-    per_stage, heldout, seq = (16, 8, 96) if args.quick else (160, 24, 128)
+    per_stage, heldout, seq = (16, 8, 96) if args.quick else (96, 24, 128)
     base_model = foundation()
     train, held = load_data(per_stage, heldout)
-    common = {"base_model": base_model, "max_seq_len": seq, "learning_rate": 5e-4, "reduce_every": 0,
+    common = {"base_model": base_model, "max_seq_len": seq, "learning_rate": LEARNING_RATE, "reduce_every": 0,
               "window_steps": 4, "metrics_port": 0, "heldout_fraction": 0.05}
     configs = {
         "naive": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
@@ -139,7 +157,10 @@ def main(argv=None) -> int:
            "new_per_step": NEW_PER_STEP, "foundation_loss": [base[d] for d in DOMAINS], "configs": {}}
     for name in args.configs.split(","):
         print(f"running {name}", flush=True)
-        res = run_config(name, configs[name], train, held, work, seq)
+        if name.startswith("avalanche"):
+            res = run_avalanche(name, base_model, train, held, seq)
+        else:
+            res = run_config(name, configs[name], train, held, work, seq)
         res["summary"] = summarize(res, doc["foundation_loss"])
         doc["configs"][name] = res
         res["settings"] = {k: str(v) for k, v in res["settings"].items()}
