@@ -13,6 +13,8 @@ every token is an output unit of every task).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
@@ -75,10 +77,12 @@ def run_strategy(name: str, base_model, domains: list[str], train: dict, held: d
         plugins = [EWCPlugin(ewc_lambda=1.0)]
     elif name == "avalanche-lwf":
         lwf = LwFPlugin(alpha=1.0, temperature=2.0)
-        base_after = lwf.after_training_exp
 
         def after_training_exp(strategy, **kw):
-            base_after(strategy, **kw)
+            # LwF's own post_adapt, with "classes seen" = the whole vocabulary (it would read them
+            # from a classification dataset's per-task class sets, which a token stream has not).
+            lwf.lwf.expcount += 1
+            lwf.lwf.prev_model = copy.deepcopy(strategy.model)
             lwf.lwf.prev_classes_by_task[0] = set(range(vocab))
 
         lwf.after_training_exp = after_training_exp

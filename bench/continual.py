@@ -5,7 +5,8 @@ wait for lag 0 / pending 0, evaluate ``live/`` on every domain's held-out docume
 Train and held-out data are split by document. Configurations, side by side in one run:
 
 * ``naive``   - CASCADE_REPLAY_RATIO=0 CASCADE_CONSTRAINTS=none CASCADE_GATE=off
-* ``default`` - the daemon's defaults (replay, anchor, distillation, clipping, gate)
+* ``default`` - the daemon's defaults (replay, anchor, clipping, gate)
+* ``default+distill`` - the defaults plus KL distillation toward the generation on replayed rows
 * ``joint``   - every stage's interactions shuffled together and learned in one pass (the upper
                 reference), with naive's settings
 * ``avalanche-replay``, ``avalanche-ewc``, ``avalanche-lwf`` - avalanche-lib's Naive strategy with its
@@ -138,7 +139,8 @@ def plot(doc: dict, path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run: few interactions per stage")
-    ap.add_argument("--configs", default="naive,default,joint,avalanche-replay,avalanche-ewc,avalanche-lwf")
+    ap.add_argument("--configs",
+                    default="naive,default,default+distill,joint,avalanche-replay,avalanche-ewc,avalanche-lwf")
     args = ap.parse_args(argv)
     per_stage, heldout, seq = (16, 8, 96) if args.quick else (96, 24, 128)
     base_model = foundation()
@@ -148,6 +150,7 @@ def main(argv=None) -> int:
     configs = {
         "naive": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
         "default": {**common, "batch_size": 2 * NEW_PER_STEP},
+        "default+distill": {**common, "batch_size": 2 * NEW_PER_STEP, "constraints": "replay,anchor,distill,clip"},
         "joint": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
     }
     work = RESULTS.parent / ".work" / "continual"

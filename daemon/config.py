@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     replay_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="share of each batch drawn from replay")
     replay_capacity: int = Field(2000, ge=0, le=10_000_000)
     replay_max_bytes: int = Field(64 << 20, ge=0)
-    constraints: str = Field("replay,anchor,distill,clip", description="'none' or a comma list of " + ",".join(sorted(ALL_CONSTRAINTS)))
+    constraints: str = Field("replay,anchor,clip", description="'none' or a comma list of " + ",".join(sorted(ALL_CONSTRAINTS)))
     anchor_weight: float = Field(1.0, ge=0)
     distill_weight: float = Field(0.5, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

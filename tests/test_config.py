@@ -15,7 +15,7 @@ def test_defaults_follow_the_contract(monkeypatch):
     assert s.stream == "cascade:interactions" and s.group == "cascade"
     assert s.metrics_host == "127.0.0.1" and s.metrics_port == 9477
     assert s.gate is True and s.max_entry_bytes == 64 * 1024
-    assert s.constraint_set == {"replay", "anchor", "distill", "clip"}
+    assert s.constraint_set == {"replay", "anchor", "clip"}
 
 
 def test_naive_settings_switch_everything_off(monkeypatch):
