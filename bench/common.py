@@ -60,7 +60,7 @@ class Daemon:
 
     def publish(self, records: list[dict], stream: str = "cascade:interactions") -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for i, rec in enumerate(records):
+        for rec in records:
             fields = {"prompt": rec["prompt"], "response": rec["response"], "meta": json.dumps(rec["meta"])}
             if "id" in rec:
                 fields["id"] = rec["id"]

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+import redis
 
 from daemon.config import Settings
 from daemon.schema import Interaction, Rejection, parse_entry
@@ -67,7 +68,15 @@ class IngestActor:
             self.control.ack([eid])
         with self._lock:
             skip = set(self._inflight)
-        entries = self.consumer.read(max(1, min(max_items, self.s.read_count)), self.s.read_block_ms, skip)
+        try:
+            entries = self.consumer.read(max(1, min(max_items, self.s.read_count)), self.s.read_block_ms, skip)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # Redis came back without the group (restarted without persistence): recreate it.
+            self.consumer.ensure_group()
+            self.control.ensure_group()
+            entries = []
         res.read = len(entries)
         for eid, fields in entries:
             parsed = parse_entry(eid, fields, self.s.max_entry_bytes)

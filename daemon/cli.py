@@ -7,12 +7,10 @@ import logging
 import math
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 from daemon.config import Settings, SettingsError, load_settings
-from daemon.registry import GEN_RE, Registry, RegistryError, read_json
+from daemon.registry import Registry, RegistryError
 
 log = logging.getLogger("cascade.cli")
 MAX_JSONL_LINE = 1 << 20

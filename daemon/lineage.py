@@ -20,14 +20,12 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from transformers import AutoTokenizer
 
 from daemon.config import Settings

@@ -17,7 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
+
+import redis
 
 from daemon.config import Settings
 from daemon.embedded_redis import EmbeddedRedis
@@ -69,6 +70,7 @@ class Daemon:
         self.jobs: dict[object, Job] = {}
         self.reduce_requests: dict[str, str] = {}
         self.failures: dict[str, int] = {}  # first entry id of a window -> failed attempts
+        self.unacked: list[str] = []  # durable but not yet acknowledged (Redis was unreachable)
         self.paused = False
         self.redis_ok = False
         self.last_report: dict[str, dict] = {}
@@ -161,6 +163,7 @@ class Daemon:
             ready, _ = ray.wait(learn_refs, num_returns=1, timeout=1.0)
             for ref in ready:
                 self._handle(ref)
+        self._flush_acks()
         for actor in self.learners.values():
             ray.kill(actor, no_restart=True)
         if self.ingest is not None:
@@ -206,6 +209,8 @@ class Daemon:
                 else:
                     self._handle(ref)
             self._dispatch(drained)
+            if self.unacked and self.redis_ok:
+                self._flush_acks()
 
     def _on_poll(self, ref) -> bool:
         import ray
@@ -331,7 +336,8 @@ class Daemon:
 
     def _on_learned(self, rep) -> None:
         m, lin = self.metrics, rep.lineage
-        acked = ray_get_ack(self.ingest, rep.ack)
+        self.unacked.extend(rep.ack)
+        self._flush_acks()
         now_ms = time.time() * 1000
         for eid in rep.ack:
             m.ingest_to_learn.observe(max(0.0, (now_ms - stream_ms(eid)) / 1000))
@@ -348,7 +354,7 @@ class Daemon:
         m.replay_items.labels(lin).set(rep.replay_items)
         if rep.rollback:
             m.rollbacks.labels(lin, rep.rollback).inc()
-        self.last_report[lin] = {"learned": rep.learned, "train_loss": rep.train_loss, "acked": acked}
+        self.last_report[lin] = {"learned": rep.learned, "train_loss": rep.train_loss}
         if rep.reduce_due and lin not in self.reduce_requests:
             self.reduce_requests[lin] = "every"
 
@@ -364,16 +370,28 @@ class Daemon:
 
     def _promote(self, rep) -> None:
         path = self.registry.lineage(rep.lineage).path / rep.generation
-        self.redis.xadd(self.s.generations_stream, {
-            "lineage": rep.lineage, "generation": rep.generation, "path": str(path.resolve()),
-            "parent": rep.card["parent"] or "", "n_params": rep.n_params_after, "card": json.dumps(rep.card)})
+        try:
+            self.redis.xadd(self.s.generations_stream, {
+                "lineage": rep.lineage, "generation": rep.generation, "path": str(path.resolve()),
+                "parent": rep.card["parent"] or "", "n_params": rep.n_params_after, "card": json.dumps(rep.card)})
+        except redis.RedisError as e:  # the generation is promoted on disk either way
+            log.error("announcing %s/%s on %s failed: %s", rep.lineage, rep.generation, self.s.generations_stream, e)
         self._refresh_lineage_gauges(rep.lineage)
         self.generations_promoted += 1
         log.info("lineage %s: generation %s promoted (%d -> %d parameters)", rep.lineage, rep.generation,
                  rep.n_params_before, rep.n_params_after)
 
+    def _flush_acks(self) -> None:
+        """Acknowledge durable entries; if Redis is down they wait here and are retried each loop
+        (they are already in the ledger, so even a crash now only makes them duplicates later)."""
+        import ray
 
-def ray_get_ack(ingest, entry_ids: list[str]) -> int:
-    import ray
-
-    return ray.get(ingest.ack.remote(entry_ids)) if entry_ids else 0
+        if not self.unacked:
+            return
+        try:
+            ray.get(self.ingest.ack.remote(self.unacked))
+            self.unacked = []
+        except Exception as e:  # noqa: BLE001
+            self.redis_ok = False
+            self.metrics.up.set(0)
+            log.warning("acknowledging %d entries failed (will retry): %s", len(self.unacked), e)
