@@ -85,7 +85,8 @@ def test_worker_resumes_from_live_and_ignores_an_unpublished_step(tmp_path, tiny
     assert len(list((w2.dir.path / ".live").iterdir())) == 1
     again = w2.learn(items(12))
     assert again.duplicates == 12 and again.learned == 0 and again.steps == 0
-    assert len(w2.replay) == len(w.replay) > 0
+    assert [e.id for e in w2.replay.all()] == [e.id for e in w.replay.all()] and len(w2.replay) > 0
+    assert w2.heldout == w.heldout
 
 
 def test_gate_rolls_back_a_harmful_update(tmp_path, tiny_model):
