@@ -2,8 +2,9 @@
 
 * ``IngestActor`` reads the interaction and control streams, validates entries, dead-letters bad
   ones, and acknowledges what the driver tells it is durable. It declares no CPU (it waits on I/O).
-* ``LearnerActor`` wraps one :class:`daemon.lineage.LineageWorker` and declares the CPUs its torch
-  threads use, so two learners never fight over the same cores.
+* ``LearnerActor`` wraps one :class:`daemon.lineage.LineageWorker`. With ``CASCADE_LEARNER_CPUS=N`` it
+  declares N CPUs to Ray (which places it where they are free) and runs N torch threads; with the
+  default 0 the learners of a node share all its cores and the driver lets one learn at a time.
 """
 from __future__ import annotations
 
@@ -122,9 +123,6 @@ class LearnerActor:
 
     def reduce(self, trigger: str):
         return self.worker.reduce(trigger)
-
-    def window_size(self) -> int:
-        return self.worker.window_size()
 
     def status(self) -> dict:
         return {**self.worker.status(), "node": self.node, "pid": self.pid, "time": time.time()}

@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     claim_idle_ms: int = Field(60_000, ge=100, description="pending entries idle this long are reclaimed")
     max_buffered: int = Field(512, ge=1, description="entries read but not yet learned, per lineage, before reading pauses")
     unknown_lineage: Literal["dead_letter", "fork"] = "dead_letter"
-    learner_cpus: float = Field(0, ge=0, description="CPUs each learner actor declares; 0 = all of this machine's")
+    learner_cpus: float = Field(0, ge=0, description="CPUs each learner declares to Ray (its torch threads match); "
+                                "0 = learners share all of this node's cores and take turns")
     seed: int = 0
     log_format: Literal["text", "json"] = "text"
 
@@ -141,6 +142,10 @@ class Settings(BaseSettings):
                             constraints=self.constraint_set, anchor_weight=self.anchor_weight,
                             distill_weight=self.distill_weight, max_grad_norm=self.max_grad_norm,
                             max_update_norm=self.max_update_norm, bf16=self.precision == "bf16", seed=self.seed)
+
+    def window_size(self) -> int:
+        """New interactions per update window: ``window_steps`` steps of the new rows of a batch."""
+        return max(1, self.batch_size - self.update_config().replay_count()) * self.window_steps
 
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)

@@ -137,10 +137,6 @@ class LineageWorker:
     def new_per_step(self) -> int:
         return max(1, self.s.batch_size - self.learner.config.replay_count())
 
-    def window_size(self) -> int:
-        """How many new interactions one ``learn`` call should get."""
-        return self.new_per_step() * self.s.window_steps
-
     def learn(self, interactions: Sequence[Interaction]) -> LearnReport:
         t0 = time.perf_counter()
         rep = LearnReport(lineage=self.lineage, ack=[i.entry_id for i in interactions], received=len(interactions))

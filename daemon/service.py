@@ -65,11 +65,11 @@ class Daemon:
         self.server: MetricsServer | None = None
         self.ingest = None
         self.learners: dict[str, object] = {}
-        self.window: dict[str, int] = {}
         self.buffers: dict[str, collections.deque[Interaction]] = collections.defaultdict(collections.deque)
         self.jobs: dict[object, Job] = {}
         self.reduce_requests: dict[str, str] = {}
         self.failures: dict[str, int] = {}  # first entry id of a window -> failed attempts
+        self.last_dispatch: dict[str, float] = {}
         self.unacked: list[str] = []  # durable but not yet acknowledged (Redis was unreachable)
         self.paused = False
         self.redis_ok = False
@@ -127,13 +127,11 @@ class Daemon:
 
         from daemon.actors import LearnerActor
 
-        total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        cpus = self.s.learner_cpus or total
-        threads = max(1, int(cpus))
+        cpus = self.s.learner_cpus
+        threads = max(1, int(cpus)) if cpus else max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
         actor = LearnerActor.options(num_cpus=cpus, name=f"cascade-learner-{lineage}",
                                      max_restarts=-1, max_task_retries=0).remote(self.s, lineage, threads)
         self.learners[lineage] = actor
-        self.window[lineage] = ray.get(actor.window_size.remote())
         self._refresh_lineage_gauges(lineage)
         return actor
 
@@ -289,20 +287,28 @@ class Daemon:
 
     def _dispatch(self, drained: bool) -> None:
         busy = {j.lineage for j in self.jobs.values()}
-        for lineage, actor in self.learners.items():
+        # Oldest-served lineage first, so one busy lineage cannot starve the others.
+        for lineage in sorted(self.learners, key=lambda name: self.last_dispatch.get(name, 0.0)):
+            actor = self.learners[lineage]
             if lineage in busy:
                 continue
+            if not self.s.learner_cpus and self.jobs:
+                return  # learners sharing the node's cores take turns
             if lineage in self.reduce_requests:
                 trigger = self.reduce_requests.pop(lineage)
                 self.jobs[actor.reduce.remote(trigger)] = Job(lineage, "reduce", time.monotonic())
+                busy.add(lineage)
+                self.last_dispatch[lineage] = time.monotonic()
                 continue
             buf = self.buffers[lineage]
             if self.paused or not buf:
                 continue
-            n = self.window[lineage]
+            n = self.s.window_size()
             if len(buf) >= n or drained:
                 batch = [buf.popleft() for _ in range(min(n, len(buf)))]
                 self.jobs[actor.learn.remote(batch)] = Job(lineage, "learn", time.monotonic(), batch)
+                busy.add(lineage)
+                self.last_dispatch[lineage] = time.monotonic()
 
     def _handle(self, ref) -> None:
         import ray

@@ -169,3 +169,36 @@ def test_sigterm_then_restart_loses_nothing_and_learns_nothing_twice(tmp_path, t
     rows = sqlite3.connect(home / "registry/main/ledger.sqlite").execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM seen").fetchone()
     assert rows == (n, n)
     assert d2.terminate() == 0
+
+
+def test_lineages_are_routed_forked_on_demand_and_take_turns(tmp_path, tiny_model, redis_url, daemon_factory):
+    home = tmp_path / "home"
+    env = settings_env(home, tiny_model, redis_url, unknown_lineage="fork")
+    r = redis.Redis.from_url(redis_url)
+    d = daemon_factory(env)
+    d.wait_healthy()
+    for i in range(60):
+        r.xadd(STREAM, {**interaction(i), "lineage": ["main", "law", "med"][i % 3]})
+    wait_drained(r, STREAM, GROUP, proc=d)
+    registry = Registry(home / "registry")
+    assert registry.lineages() == ["law", "main", "med"]
+    for name in ("law", "med"):
+        card = registry.lineage(name).card("gen-0000")
+        assert card["parent"] == "main/gen-0000" and card["lineage"] == name
+    m = d.metrics()
+    for name in ("main", "law", "med"):
+        assert metric_value(m, "cascade_interactions_received_total", lineage=name) == 20
+        state = json.loads((home / f"registry/{name}/live/state.json").read_text())
+        heldout = sum(len(v) for v in json.loads((home / f"registry/{name}/live/heldout.json").read_text()).values())
+        assert state["interactions_learned"] + heldout == 20
+    assert d.terminate() == 0
+
+    # With the default setting an unknown lineage is dead-lettered, and known ones still learn.
+    d2 = daemon_factory(settings_env(home, tiny_model, redis_url))
+    d2.wait_healthy()
+    r.xadd(STREAM, {**interaction(100), "lineage": "unknown"})
+    r.xadd(STREAM, {**interaction(101), "lineage": "law"})
+    wait_drained(r, STREAM, GROUP, proc=d2)
+    dead = [e[1] for e in r.xrange(f"{STREAM}:dead")]
+    assert [x[b"reason"] for x in dead] == [b"unknown_lineage"] and dead[0][b"lineage"] == b"unknown"
+    assert d2.terminate() == 0
