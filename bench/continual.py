@@ -138,9 +138,13 @@ def plot(doc: dict, path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run: few interactions per stage")
+    ap.add_argument("--table", metavar="JSON", help="only print the README table of an earlier run")
     ap.add_argument("--configs",
                     default="naive,default,default+distill,joint,avalanche-replay,avalanche-ewc,avalanche-lwf")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(open(args.table).read())))
+        return 0
     per_stage, heldout, seq = (16, 8, 96) if args.quick else (96, 24, 128)
     base_model = foundation()
     train, held = load_data(per_stage, heldout)
@@ -185,14 +189,23 @@ def evaluate_foundation(base_model, held, seq) -> dict[str, float]:
     return {d: evaluate_loss(model, tok, ex, seq, 8) for d, ex in held.items()}
 
 
-def print_table(doc: dict) -> None:
-    print(f"\n{'config':<10}{'avg final ppl':>15}{'avg forgetting':>16}{'BWT':>9}  plasticity (loss after own stage)")
+def markdown_table(doc: dict) -> str:
+    """The README table: one row per configuration."""
+    lines = ["| config | avg final ppl | avg forgetting (nats) | backward transfer (nats) | loss right after own stage "
+             f"({', '.join(DOMAINS)}) | steps | rollbacks | minutes |", "|---|---|---|---|---|---|---|---|"]
     for name, res in doc["configs"].items():
         s = res["summary"]
         f = f"{s['avg_forgetting']:.4f}" if "avg_forgetting" in s else "-"
-        b = f"{s['backward_transfer']:.4f}" if "backward_transfer" in s else "-"
-        p = " ".join(f"{x:.3f}" for x in s.get("plasticity", [])) or "-"
-        print(f"{name:<10}{s['avg_final_ppl']:>15.3f}{f:>16}{b:>9}  {p}")
+        b = f"{s['backward_transfer']:+.4f}" if "backward_transfer" in s else "-"
+        p = " / ".join(f"{x:.3f}" for x in s.get("plasticity", [])) or "-"
+        lines.append(f"| {name} | {s['avg_final_ppl']:.3f} | {f} | {b} | {p} | {res['update_steps']} | "
+                     f"{res['rollbacks']} | {res['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def print_table(doc: dict) -> None:
+    print()
+    print(markdown_table(doc))
 
 
 if __name__ == "__main__":
