@@ -205,8 +205,46 @@ def cmd_status(args, settings: Settings) -> int:
     return 0
 
 
+def draw_tree(nodes: list[dict], path: Path) -> None:
+    """A PNG of the lineage tree: one row per lineage, generations left to right, edges to parents."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = {n["id"]: n for n in nodes}
+    depth: dict[str, int] = {}
+
+    def x_of(n) -> int:
+        if n["id"] not in depth:
+            parent = ids.get(n["parent"] or "")
+            depth[n["id"]] = 0 if parent is None else x_of(parent) + 1
+        return depth[n["id"]]
+
+    rows = {name: i for i, name in enumerate(dict.fromkeys(n["lineage"] for n in nodes))}
+    fig, ax = plt.subplots(figsize=(3 + 2.6 * (1 + max(x_of(n) for n in nodes)), 1.2 + 1.1 * len(rows)))
+    for n in nodes:
+        x, y = x_of(n), -rows[n["lineage"]]
+        parent = ids.get(n["parent"] or "")
+        if parent is not None:
+            ax.annotate("", xy=(x, y), xytext=(x_of(parent), -rows[parent["lineage"]]),
+                        arrowprops={"arrowstyle": "->", "color": "0.5", "shrinkA": 30, "shrinkB": 30})
+        ppl = ", ".join(f"{v:.1f}" for v in n["perplexity"].values() if v) or "-"
+        ax.text(x, y, f"{n['id']}\n{n['n_params'] / 1e6:.1f}M params\nppl {ppl}", ha="center", va="center",
+                fontsize=8, bbox={"boxstyle": "round", "fc": "#cde" if n["current"] else "#eee", "ec": "0.4"})
+    ax.set_xlim(-0.7, max(depth.values()) + 0.7)
+    ax.set_ylim(-len(rows) + 0.4, 0.6)
+    ax.axis("off")
+    ax.set_title("cascade-lm lineage tree (current generations shaded)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def cmd_generations(args, settings: Settings) -> int:
     nodes = generation_tree(Registry(settings.registry_root), args.lineage)
+    if args.png and nodes:
+        draw_tree(nodes, Path(args.png))
     if args.json:
         print(json.dumps({"generations": nodes}, indent=1))
         return 0
@@ -336,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generations", help="the lineage tree")
     s.add_argument("--lineage")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--png", metavar="FILE", help="also draw the tree (sizes, held-out perplexity) to FILE")
     s.set_defaults(fn=cmd_generations)
     s = sub.add_parser("eval", help="held-out loss of a generation dir or a lineage's live model")
     s.add_argument("target")

@@ -69,8 +69,9 @@ def test_status_generations_eval_and_fork_offline(tmp_path, tiny_model, redis_ur
     assert by_id["main/gen-0001"]["parent"] == "main/gen-0000"
     assert by_id["niche/gen-0000"]["parent"] == "main/gen-0001"
     assert by_id["niche/gen-0000"]["n_params"] == by_id["main/gen-0001"]["n_params"]
-    text = cascade(env, "generations").stdout
+    text = cascade(env, "generations", "--png", str(tmp_path / "tree.png")).stdout
     assert "main/gen-0000" in text and "└── main/gen-0001" in text and "niche/gen-0000" in text
+    assert (tmp_path / "tree.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": "Q", "response": f" answer {i % 2}"}) + "\n" for i in range(6)))
