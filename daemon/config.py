@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best")
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of interactions kept out of training")
     heldout_per_domain: int = Field(32, ge=1, le=10_000)
+    gate_min_items: int = Field(8, ge=1, description="held-out items a source needs before the gate judges it")
 
     # -- reduction -------------------------------------------------------------------------------
     reduce_every: int = Field(2000, ge=0, description="interactions per lineage between reductions; 0 = on command")

@@ -100,6 +100,7 @@ class LineageWorker:
             self.heldout = {d: [Example.from_json(x) for x in v] for d, v in read_json(live / "heldout.json").items()}
         self.recent: collections.deque[Example] = collections.deque(maxlen=settings.calibration_items)
         self._heldout_dirty = True
+        self._changed_domains: set[str] = set()
         self._load_learner(state, live)
 
     # -- loading ---------------------------------------------------------------------------------
@@ -127,7 +128,10 @@ class LineageWorker:
             j = ex.stable_hash() % self.counters["heldout_seen"]
             if j < len(bucket):
                 bucket[j] = ex
+            else:
+                return
         self._heldout_dirty = True
+        self._changed_domains.add(ex.domain)
 
     def heldout_losses(self, model=None) -> dict[str, float]:
         model = model if model is not None else self.learner.model
@@ -165,10 +169,13 @@ class LineageWorker:
         if train:
             before = self.last_heldout
             if self.s.gate and self._heldout_dirty:
+                # A source whose held-out set changed is measured afresh: its best so far was a
+                # number about other items and cannot be compared with the new ones.
                 before = self.heldout_losses()
-                self._heldout_dirty = False
                 for d, v in before.items():
-                    self.best[d] = min(v, self.best.get(d, math.inf))
+                    self.best[d] = v if d in self._changed_domains else min(v, self.best.get(d, math.inf))
+                self._heldout_dirty = False
+                self._changed_domains.clear()
             losses, n_replay = [], self.learner.config.replay_count()
             for part in chunks(train, self.new_per_step()):
                 r = self.learner.step(part, self.replay.sample(n_replay))
@@ -178,7 +185,12 @@ class LineageWorker:
             rep.train_loss = sum(losses) / len(losses)
             if self.s.gate:
                 after = self.heldout_losses()
-                decision = judge_update(before, after, self.best, self.s.gate_step_budget, self.s.gate_total_budget)
+                # Sources with too few held-out items are measured but not judged: on a handful of
+                # items the loss moves by more than the budget from noise alone.
+                judged = {d for d, v in self.heldout.items() if len(v) >= self.s.gate_min_items}
+                decision = judge_update({d: v for d, v in before.items() if d in judged},
+                                        {d: v for d, v in after.items() if d in judged},
+                                        self.best, self.s.gate_step_budget, self.s.gate_total_budget)
             else:
                 after, decision = {}, None
             if decision is None or decision.accept:

@@ -107,6 +107,18 @@ def test_gate_rolls_back_a_harmful_update(tmp_path, tiny_model):
     assert w.counters["rollbacks"] == 1
 
 
+def test_gate_does_not_judge_sources_with_too_few_heldout_items(tmp_path, tiny_model):
+    s = settings(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01,
+                 constraints="none", gate_min_items=1000)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn(items(120))
+    poison = [Interaction(entry_id=f"{1000 + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ @@@@ ~~~~ " * 3,
+                          meta={"domain": "junk"}) for i in range(80)]
+    rep = w.learn(poison)
+    assert rep.rollback is None and rep.learned > 0 and set(rep.heldout) == {"d", "junk"}
+
+
 def test_naive_settings_really_switch_everything_off(tmp_path, tiny_model):
     s = settings(tmp_path, tiny_model, learning_rate=0.05, replay_ratio=0, constraints="none", gate=False)
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
