@@ -63,7 +63,7 @@ class StepReport:
     anchor: float
     distill: float
     grad_norm: float
-    update_norm: float
+    update_norm: float  # the step's L2 change to the adapter, measured when the cap is on (else 0)
     n_new: int
     n_replay: int
     tokens: int
@@ -200,22 +200,23 @@ class ContinualLearner:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        params = list(self.params.values())
         clip = "clip" in cfg.constraints
-        if clip and cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), cfg.max_grad_norm)
+        # clip_grad_norm_ returns the norm before clipping; with an infinite bound it only measures.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if clip else math.inf))
+        cap = clip and cfg.max_update_norm > 0
         update_norm = 0.0
         if math.isfinite(grad_norm):
-            before = [p.detach().clone() for p in self.params.values()]
+            before = [p.detach().clone() for p in params] if cap else None  # only the cap needs a snapshot
             self.optimizer.step()
-            with torch.no_grad():
-                deltas = [p - b for p, b in zip(self.params.values(), before)]
-                update_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in deltas])))
-                if clip and cfg.max_update_norm > 0 and update_norm > cfg.max_update_norm:
-                    scale = cfg.max_update_norm / update_norm
-                    for p, b, d in zip(self.params.values(), before, deltas):
-                        p.copy_(b + d * scale)
+            if cap:
+                with torch.no_grad():
+                    deltas = [p - b for p, b in zip(params, before)]
+                    update_norm = float(_norm(deltas))
+                    if update_norm > cfg.max_update_norm:
+                        scale = cfg.max_update_norm / update_norm
+                        for p, b, d in zip(params, before, deltas):
+                            p.copy_(b + d * scale)
         return StepReport(loss=loss.item(), task_loss=task.item(), anchor=anchor.item(), distill=distill.item(),
                           grad_norm=grad_norm, update_norm=update_norm, n_new=len(new), n_replay=len(replay),
                           tokens=batch.n_tokens)
@@ -223,6 +224,10 @@ class ContinualLearner:
     def evaluate(self, examples: Sequence[Example]) -> float:
         return evaluate_loss(self.model, self.tokenizer, examples, self.config.max_seq_len,
                              self.config.batch_size, self.config.bf16)
+
+
+def _norm(tensors) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
 def _clone_state(state: dict) -> dict:
