@@ -41,18 +41,20 @@ class Settings(BaseSettings):
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     max_seq_len: int = Field(256, ge=8, le=8192)
     lora_rank: int = Field(16, ge=1, le=512)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype of the learner on CPU")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype of the learner (CPU or GPU)")
+    device: str = Field("auto", description="where learners run: auto (a GPU when one is present), cpu, cuda, cuda:N")
     window_steps: int = Field(4, ge=1, le=1000, description="optimizer steps per update window (one gate check)")
 
     # -- keeping what it knew --------------------------------------------------------------------
-    replay_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="share of each batch drawn from replay")
+    replay_ratio: float = Field(0.4, ge=0.0, lt=1.0, description="share of each batch drawn from replay")
     replay_capacity: int = Field(2000, ge=0, le=10_000_000)
     replay_max_bytes: int = Field(64 << 20, ge=0)
-    constraints: str = Field("replay,anchor,clip", description="'none' or a comma list of " + ",".join(sorted(ALL_CONSTRAINTS)))
+    constraints: str = Field("replay,distill,clip", description="'none' or a comma list of " + ",".join(sorted(ALL_CONSTRAINTS)))
     anchor_weight: float = Field(1.0, ge=0)
     distill_weight: float = Field(0.5, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    max_update_norm: float = Field(1.0, gt=0, description="cap on the L2 change of the adapter in one step")
+    max_update_scale: float = Field(1.0, gt=0, description="cap on one step's L2 change to the adapter, in units of "
+                                    "learning_rate x sqrt(trainable parameters)")
     gate: bool = Field(True, description="on/off: the held-out check that rolls an update back")
     gate_step_budget: float = Field(0.05, gt=0, description="nats a held-out source may rise in one window")
     gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best")
@@ -76,6 +78,8 @@ class Settings(BaseSettings):
     unknown_lineage: Literal["dead_letter", "fork"] = "dead_letter"
     learner_cpus: float = Field(0, ge=0, description="CPUs each learner declares to Ray (its torch threads match); "
                                 "0 = learners share all of this node's cores and take turns")
+    learner_gpus: float = Field(0.25, ge=0, le=8, description="share of a GPU each learner declares to Ray when "
+                                "learners use GPUs (0.25: four lineages share one)")
     seed: int = 0
     log_format: Literal["text", "json"] = "text"
 
@@ -112,6 +116,14 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown constraint(s) {unknown or v!r}; use 'none' or a comma list of {sorted(ALL_CONSTRAINTS)}")
         return ",".join(sorted(set(items)))
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, v):
@@ -127,6 +139,18 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _device_present(self):
+        # On an existing Ray cluster the GPU may be on another node: Ray places the learner there.
+        if self.device.startswith("cuda") and self.ray_address is None:
+            import torch
+
+            index = int(self.device[5:] or 0) if ":" in self.device else 0
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                raise ValueError(f"CASCADE_DEVICE: {self.device} asked for but this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s)")
+        return self
+
+    @model_validator(mode="after")
     def _base_model_exists(self):
         if self.base_model is not None and not (self.base_model / "config.json").is_file():
             raise ValueError(f"CASCADE_BASE_MODEL: {self.base_model} is not a model directory (no config.json)")
@@ -137,12 +161,21 @@ class Settings(BaseSettings):
     def constraint_set(self) -> frozenset[str]:
         return frozenset() if self.constraints == "none" else frozenset(self.constraints.split(","))
 
+    def resolved_device(self) -> str:
+        """``auto`` becomes ``cuda`` where the process that learns sees a GPU, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(lora_rank=self.lora_rank, learning_rate=self.learning_rate, batch_size=self.batch_size,
                             max_seq_len=self.max_seq_len, replay_ratio=self.replay_ratio,
                             constraints=self.constraint_set, anchor_weight=self.anchor_weight,
                             distill_weight=self.distill_weight, max_grad_norm=self.max_grad_norm,
-                            max_update_norm=self.max_update_norm, bf16=self.precision == "bf16", seed=self.seed)
+                            max_update_scale=self.max_update_scale, bf16=self.precision == "bf16", device=self.resolved_device(),
+                            seed=self.seed)
 
     def window_size(self) -> int:
         """New interactions per update window: ``window_steps`` steps of the new rows of a batch."""

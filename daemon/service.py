@@ -129,11 +129,20 @@ class Daemon:
 
         cpus = self.s.learner_cpus
         threads = max(1, int(cpus)) if cpus else max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
-        actor = LearnerActor.options(num_cpus=cpus, name=f"cascade-learner-{lineage}",
+        gpus = self.s.learner_gpus if self._wants_gpu() else 0
+        actor = LearnerActor.options(num_cpus=cpus, num_gpus=gpus, name=f"cascade-learner-{lineage}",
                                      max_restarts=-1, max_task_retries=0).remote(self.s, lineage, threads)
         self.learners[lineage] = actor
         self._refresh_lineage_gauges(lineage)
         return actor
+
+    def _wants_gpu(self) -> bool:
+        """A learner declares one GPU when asked for (``cuda``) or, on ``auto``, when the cluster has one."""
+        import ray
+
+        if self.s.device.startswith("cuda"):
+            return True
+        return self.s.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
 
     def _refresh_lineage_gauges(self, lineage: str) -> None:
         d = self.registry.lineage(lineage)

@@ -48,6 +48,10 @@ class Batch:
     labels: torch.Tensor  # [B, T], IGNORE where no loss
     rewards: torch.Tensor  # [B]
 
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.labels,
+                                                                  self.rewards)))
+
     @property
     def n_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
@@ -71,8 +75,8 @@ def encode(tokenizer, ex: Example, max_seq_len: int) -> tuple[list[int], list[in
     return ids, labels
 
 
-def collate(tokenizer, examples: Sequence[Example], max_seq_len: int) -> Batch:
-    """Right-padded batch; padding carries no loss and no attention."""
+def collate(tokenizer, examples: Sequence[Example], max_seq_len: int, device: torch.device | str = "cpu") -> Batch:
+    """Right-padded batch on ``device``; padding carries no loss and no attention."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = [encode(tokenizer, ex, max_seq_len) for ex in examples]
     width = max(len(ids) for ids, _ in rows)
@@ -84,7 +88,17 @@ def collate(tokenizer, examples: Sequence[Example], max_seq_len: int) -> Batch:
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
     rewards = torch.tensor([ex.reward for ex in examples], dtype=torch.float32)
-    return Batch(input_ids, mask, labels, rewards)
+    batch = Batch(input_ids, mask, labels, rewards)
+    return batch if torch.device(device).type == "cpu" else batch.to(device)
+
+
+def autocast(device: torch.device | str, bf16: bool):
+    """bf16 autocast on ``device`` when asked (CPU or CUDA), otherwise plain fp32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:

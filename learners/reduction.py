@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from learners.data import Example, chunks, collate
+from learners.data import Example, autocast, chunks, collate, model_device
 
 
 class MergeError(RuntimeError):
@@ -34,7 +34,7 @@ def merge_adapter(peft_model, probe: Sequence[Example], tokenizer, max_seq_len: 
     The peft model is consumed (its base weights are modified in place).
     """
     peft_model.eval()
-    b = collate(tokenizer, list(probe), max_seq_len) if probe else None
+    b = collate(tokenizer, list(probe), max_seq_len, model_device(peft_model)) if probe else None
     before = peft_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits if b else None
     merged = peft_model.merge_and_unload()
     merged.to(torch.float32)
@@ -53,8 +53,9 @@ def mlp_importance(model, examples: Sequence[Example], tokenizer, max_seq_len: i
                    batch_size: int = 8) -> torch.Tensor:
     """Scores [layers, intermediate]: RMS activation into down_proj times its weight column norm."""
     layers = model.model.layers
-    sums = [torch.zeros(l.mlp.down_proj.in_features) for l in layers]
-    count = torch.zeros(())
+    device = model_device(model)
+    sums = [torch.zeros(l.mlp.down_proj.in_features, device=device) for l in layers]
+    count = torch.zeros((), device=device)
     mask_holder: dict[str, torch.Tensor] = {}
 
     def hook(i):
@@ -68,7 +69,7 @@ def mlp_importance(model, examples: Sequence[Example], tokenizer, max_seq_len: i
     try:
         model.eval()
         for part in chunks(list(examples), batch_size):
-            b = collate(tokenizer, part, max_seq_len)
+            b = collate(tokenizer, part, max_seq_len, device)
             mask_holder["m"] = b.attention_mask
             count += b.attention_mask.sum()
             model(input_ids=b.input_ids, attention_mask=b.attention_mask)
@@ -96,7 +97,7 @@ def prune_mlp(model, scores: torch.Tensor, width: int) -> LlamaForCausalLM:
     """A new dense model keeping the ``width`` highest-scoring neurons of every layer's MLP."""
     cfg: LlamaConfig = copy.deepcopy(model.config)
     cfg.intermediate_size = int(width)
-    small = LlamaForCausalLM(cfg).to(torch.float32)
+    small = LlamaForCausalLM(cfg).to(torch.float32).to(model_device(model))
     state = model.state_dict()
     new_state = {}
     keep = [torch.sort(torch.topk(s, width).indices).values for s in scores]
@@ -131,11 +132,12 @@ def heal(student, teacher, examples: Sequence[Example], tokenizer, max_seq_len: 
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
+    device = model_device(student)
     losses = []
     for step in range(steps):
         idx = torch.randint(len(examples), (min(batch_size, len(examples)),), generator=g).tolist()
-        b = collate(tokenizer, [examples[i] for i in idx], max_seq_len)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        b = collate(tokenizer, [examples[i] for i in idx], max_seq_len, device)
+        with autocast(device, bf16):
             with torch.no_grad():
                 t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
             s_logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits

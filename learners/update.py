@@ -9,8 +9,10 @@ interactions with replayed ones. The loss, read top to bottom:
     loss     = task + anchor_weight * anchor + distill_weight * distill
 
 then ("clip") gradients are clipped to ``max_grad_norm`` and the change the optimizer makes to the
-adapter in one step is capped at ``max_update_norm`` (L2), so no single batch can move the adapter
-far whatever the optimizer's state. Which terms are on is ``constraints``; an empty set is plain
+adapter in one step is capped (L2) at ``max_update_scale * learning_rate * sqrt(trainable params)``,
+the length of a step that moves every coordinate by the learning rate: Adam's steady-state steps
+stay under it, while a burst whose gradients jump far beyond what the optimizer has seen (which
+Adam turns into steps of up to ~3x the learning rate per coordinate) is held to it. Which terms are on is ``constraints``; an empty set is plain
 sequential LoRA fine-tuning.
 
 Reward: ``r > 0`` weights the negative log-likelihood of the response by ``r``; ``r < 0`` applies
@@ -28,7 +30,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from learners.data import IGNORE, Batch, Example, chunks, collate
+from learners.data import IGNORE, Batch, Example, autocast, chunks, collate, model_device
 
 ALL_CONSTRAINTS = frozenset({"replay", "anchor", "distill", "clip"})
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,8 +47,9 @@ class UpdateConfig:
     anchor_weight: float = 1.0
     distill_weight: float = 0.5
     max_grad_norm: float = 1.0
-    max_update_norm: float = 1.0
+    max_update_scale: float = 1.0
     bf16: bool = False
+    device: str = "cpu"  # "cpu" or "cuda[:N]"; the adapter, the frozen generation and batches all live there
     seed: int = 0
 
     def replay_count(self) -> int:
@@ -97,11 +100,12 @@ def evaluate_loss(model, tokenizer, examples: Sequence[Example], max_seq_len: in
     if not examples:
         return float("nan")
     was_training = model.training
+    device = model_device(model)
     model.eval()
     total, count = 0.0, 0
     for part in chunks(list(examples), batch_size):
-        b = collate(tokenizer, part, max_seq_len)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        b = collate(tokenizer, part, max_seq_len, device)
+        with autocast(device, bf16):
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         picked, mask = token_logprobs(logits, b.labels)
         total += float(-(picked * mask).sum())
@@ -134,7 +138,7 @@ class ContinualLearner:
             lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
                               target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
             self.model = get_peft_model(base, lora)
-        self.model.train()
+        self.model.to(config.device).train()
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.learning_rate, weight_decay=0.0)
         self._accepted = self._snapshot()
@@ -165,6 +169,10 @@ class ContinualLearner:
         """A standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
 
+    def update_cap(self) -> float:
+        """The largest L2 change one step may make to the adapter (with "clip")."""
+        return self.config.max_update_scale * self.config.learning_rate * math.sqrt(self.n_trainable)
+
     @property
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.params.values())
@@ -173,23 +181,22 @@ class ContinualLearner:
     def step(self, new: Sequence[Example], replay: Sequence[Example] = ()) -> StepReport:
         cfg = self.config
         rows = list(new) + list(replay)
-        batch = collate(self.tokenizer, rows, cfg.max_seq_len)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        batch = collate(self.tokenizer, rows, cfg.max_seq_len, cfg.device)
+        with autocast(cfg.device, cfg.bf16):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         task = example_losses(logits, batch).mean()
         loss = task
 
-        anchor = torch.zeros(())
+        anchor = torch.zeros((), device=loss.device)
         if "anchor" in cfg.constraints and cfg.anchor_weight > 0:
             ref = self._accepted["params"]
             anchor = sum(((p - ref[n]) ** 2).sum() for n, p in self.params.items())
             loss = loss + cfg.anchor_weight * anchor
 
-        distill = torch.zeros(())
+        distill = torch.zeros((), device=loss.device)
         if "distill" in cfg.constraints and cfg.distill_weight > 0 and replay:
             r = slice(len(new), len(rows))
-            with torch.no_grad(), self.model.disable_adapter(), \
-                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.no_grad(), self.model.disable_adapter(), autocast(cfg.device, cfg.bf16):
                 ref_logits = self.model(input_ids=batch.input_ids[r], attention_mask=batch.attention_mask[r]).logits
             mask = (batch.labels[r, 1:] != IGNORE)
             p_ref = torch.log_softmax(ref_logits[:, :-1].float(), -1)
@@ -204,7 +211,7 @@ class ContinualLearner:
         clip = "clip" in cfg.constraints
         # clip_grad_norm_ returns the norm before clipping; with an infinite bound it only measures.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if clip else math.inf))
-        cap = clip and cfg.max_update_norm > 0
+        cap = clip and cfg.max_update_scale > 0
         update_norm = 0.0
         if math.isfinite(grad_norm):
             before = [p.detach().clone() for p in params] if cap else None  # only the cap needs a snapshot
@@ -213,8 +220,9 @@ class ContinualLearner:
                 with torch.no_grad():
                     deltas = [p - b for p, b in zip(params, before)]
                     update_norm = float(_norm(deltas))
-                    if update_norm > cfg.max_update_norm:
-                        scale = cfg.max_update_norm / update_norm
+                    limit = self.update_cap()
+                    if update_norm > limit:
+                        scale = limit / update_norm
                         for p, b, d in zip(params, before, deltas):
                             p.copy_(b + d * scale)
         return StepReport(loss=loss.item(), task_loss=task.item(), anchor=anchor.item(), distill=distill.item(),

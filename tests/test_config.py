@@ -15,7 +15,7 @@ def test_defaults_follow_the_contract(monkeypatch):
     assert s.stream == "cascade:interactions" and s.group == "cascade"
     assert s.metrics_host == "127.0.0.1" and s.metrics_port == 9477
     assert s.gate is True and s.max_entry_bytes == 64 * 1024
-    assert s.constraint_set == {"replay", "anchor", "clip"}
+    assert s.constraint_set == {"replay", "distill", "clip"} and s.replay_ratio == 0.4
 
 
 def test_naive_settings_switch_everything_off(monkeypatch):
@@ -41,7 +41,8 @@ def test_toml_file_and_env_precedence(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name,value", [
     ("CASCADE_REPLAY_RATIO", "1.5"), ("CASCADE_GATE", "maybe"), ("CASCADE_CONSTRAINTS", "replay,magic"),
     ("CASCADE_REDIS_URL", "http://x"), ("CASCADE_BATCH_SIZE", "zero"), ("CASCADE_REDUCE_KEEP", "0"),
-    ("CASCADE_METRICS_PORT", "70000"), ("CASCADE_BASE_MODEL", "/nonexistent/dir"),
+    ("CASCADE_METRICS_PORT", "70000"), ("CASCADE_BASE_MODEL", "/nonexistent/dir"), ("CASCADE_DEVICE", "tpu"),
+    ("CASCADE_PRECISION", "fp8"), ("CASCADE_LEARNER_GPUS", "-1"),
 ])
 def test_bad_values_fail_naming_the_setting(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -62,3 +63,24 @@ def test_cli_reports_a_bad_setting_in_one_sentence(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "CASCADE_REPLAY_RATIO" in lines[0]
+
+
+def test_device_follows_the_setting_and_what_the_machine_has(monkeypatch):
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    assert load_settings().resolved_device() == ("cuda" if has_gpu else "cpu")
+    monkeypatch.setenv("CASCADE_DEVICE", "cpu")
+    assert load_settings().update_config().device == "cpu"
+    monkeypatch.setenv("CASCADE_DEVICE", "cuda:7" if has_gpu else "cuda")
+    if not has_gpu or torch.cuda.device_count() <= 7:
+        with pytest.raises(SettingsError, match="CASCADE_DEVICE"):
+            load_settings()
+    # On an existing cluster the GPU may be on another node: the setting is left to Ray's placement.
+    monkeypatch.setenv("CASCADE_RAY_ADDRESS", "auto")
+    assert load_settings().device.startswith("cuda")
+
+
+def test_precision_setting_reaches_the_update_step(monkeypatch):
+    monkeypatch.setenv("CASCADE_PRECISION", "bf16")
+    assert load_settings().update_config().bf16 is True

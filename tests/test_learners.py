@@ -110,12 +110,14 @@ def test_gradient_clipping_bounds_the_step(tiny_model, tok):
 
 
 def test_one_step_cannot_move_the_adapter_further_than_the_cap(tiny_model, tok):
-    L = make(tiny_model, tok, constraints=frozenset({"clip"}), max_grad_norm=1e6, max_update_norm=0.01)
+    L = make(tiny_model, tok, constraints=frozenset({"clip"}), max_grad_norm=1e6, max_update_scale=0.01)
     L.optimizer = torch.optim.SGD(L.params.values(), lr=10.0)
+    cap = 0.01 * L.config.learning_rate * L.n_trainable ** 0.5
+    assert L.update_cap() == pytest.approx(cap)
     ref = {n: p.detach().clone() for n, p in L.params.items()}
     r = L.step(DATA[:4])
     moved = sum(float(((p.detach() - ref[n]) ** 2).sum()) for n, p in L.params.items()) ** 0.5
-    assert r.update_norm > 0.01 and moved == pytest.approx(0.01, rel=1e-3)
+    assert r.update_norm > cap and moved == pytest.approx(cap, rel=1e-3)
 
 
 def test_negative_reward_pushes_the_response_down(tiny_model, tok):
