@@ -32,11 +32,11 @@ from daemon.config import Settings
 from daemon.registry import LineageDir, Registry, now_rfc3339, read_json, atomic_write_json
 from daemon.schema import Interaction
 from learners.data import Example, chunks
-from learners.reduction import count_parameters, heal, merge_adapter, mlp_importance, prune_mlp
+from learners.reduction import activation_importance, count_parameters, heal, merge_adapter, prune
 from learners.replay import ReplayBuffer
 from learners.update import ContinualLearner, evaluate_loss
 from policies.gate import forgetting, judge_update
-from policies.reduction import ModelShape, plan_reduction
+from policies.reduction import ModelShape, plan_candidates
 
 log = logging.getLogger("cascade.lineage")
 
@@ -281,12 +281,22 @@ class LineageWorker:
         log.info("lineage %s: reducing %s (trigger %s)", self.lineage, parent, trigger)
         teacher = merge_adapter(self.learner.model, calib[:4], self.tokenizer, s.max_seq_len)
         ppl_before = ppl(teacher)
-        scores = mlp_importance(teacher, calib, self.tokenizer, s.max_seq_len, s.batch_size)
+        importance = activation_importance(teacher, calib, self.tokenizer, s.max_seq_len, s.batch_size)
         shape = ModelShape.of(teacher.config)
+        probe = calib[: max(8, len(calib) // 2)]
         tries, chosen = [], None
         for keep in policy.keeps():
-            plan = plan_reduction(shape, keep)
-            student = prune_mlp(teacher, scores, plan.intermediate)
+            # Measure every allocation of this budget (width / KV groups / depth) before healing; heal the best.
+            candidates = []
+            for plan in plan_candidates(shape, keep):
+                student = prune(teacher, importance, plan.intermediate, plan.kv_heads, plan.layers)
+                candidates.append((evaluate_loss(student, self.tokenizer, probe, s.max_seq_len, s.batch_size, bf16),
+                                   plan))
+                del student
+            _, plan = min(candidates, key=lambda c: c[0])
+            log.info("lineage %s: keep %.2f allocations (calibration loss) %s -> %s", self.lineage, keep,
+                     {p.label: round(l, 3) for l, p in candidates}, plan.label)
+            student = prune(teacher, importance, plan.intermediate, plan.kv_heads, plan.layers)
             ppl_pruned = ppl(student)
 
             def progress(i, n, loss, keep=keep):
@@ -297,8 +307,10 @@ class LineageWorker:
                       progress=progress)
             ppl_after = ppl(student)
             ok, worst = policy.passes(ppl_before, ppl_after)
-            tries.append({"keep_target": keep, "keep_achieved": round(plan.keep_achieved, 4),
-                          "mlp_intermediate": plan.intermediate, "ppl_pruned": ppl_pruned, "ppl_healed": ppl_after,
+            tries.append({"keep_target": keep, "keep_achieved": round(plan.keep_achieved, 4), "plan": plan.label,
+                          "candidates": {p.label: round(l, 4) for l, p in candidates},
+                          "mlp_intermediate": plan.intermediate, "kv_heads": plan.kv_heads, "layers": plan.layers,
+                          "ppl_pruned": ppl_pruned, "ppl_healed": ppl_after,
                           "worst_ratio": worst, "passed": ok, "heal_final_kl": kl[-1] if kl else None})
             log.info("lineage %s: keep %.2f -> worst held-out ppl ratio %.3f (%s)", self.lineage, keep, worst,
                      "pass" if ok else "fail")
@@ -328,16 +340,18 @@ class LineageWorker:
             "reduction": {
                 "trigger": trigger,
                 "merged_adapter": {"rank": s.lora_rank, "update_steps": self.counters["update_steps"]},
-                "importance": "activation x down_proj column norm, on the lineage's replay + recent data",
+                "importance": "activations on the lineage's replay + recent data: MLP neuron RMS x down_proj column "
+                              "norm, KV group RMS head output, block 1 - cos(input, output)",
                 "calibration_items": len(calib),
                 "pruned": {"mlp_intermediate": [shape.intermediate, plan.intermediate],
-                           "attention_heads": [shape.heads, shape.heads], "layers": [shape.layers, shape.layers]},
+                           "attention_heads": [shape.heads, plan.heads], "kv_heads": [shape.kv_heads, plan.kv_heads],
+                           "layers": [shape.layers, plan.layers]},
                 "keep_target": s.reduce_keep,
                 "keep_achieved": round(plan.keep_achieved, 4),
                 "n_params_before": self.n_params,
                 "n_params_after": n_after,
                 "non_embedding_before": shape.non_embedding(),
-                "non_embedding_after": shape.non_embedding(plan.intermediate),
+                "non_embedding_after": shape.reshaped(plan.intermediate, plan.kv_heads, plan.layers).non_embedding(),
                 "heal_steps": s.heal_steps,
                 "gate": {"budget_ppl_ratio": s.reduce_budget, "ppl_before": ppl_before, "tries": tries,
                          "passed": True},

@@ -1,18 +1,21 @@
-"""Reduction: merge the adapter, score MLP neurons on the lineage's own data, prune, heal.
+"""Reduction: merge the adapter, score structures on the lineage's own data, prune, heal.
 
 Every function returns a plain dense ``LlamaForCausalLM`` that ``save_pretrained`` writes as a
-standard, smaller checkpoint; nothing is masked.
+standard, smaller checkpoint; nothing is masked. Three structures can go: MLP neurons, key/value
+groups of attention heads (with their query heads) and whole decoder blocks; how much of each is
+the policy's choice (``policies/reduction.py``).
 
 Importance of MLP neuron ``j`` in a layer is ``sqrt(mean a_j^2) * ||W_down[:, j]||``: the root mean
 square of the neuron's contribution to the residual stream on this lineage's data (measured here on
 SmolLM2 specialized to Python, removing 27% of MLP neurons raised held-out perplexity 1.38x with this
-score and 1.51x with ``mean |a_j|`` in its place). Weight
-magnitude alone is a poor guide on real models (a layer's most active neuron often has among the
-smallest weights), so scores come from activations on calibration data.
+score and 1.51x with ``mean |a_j|`` in its place). Weight magnitude alone is a poor guide on real
+models (a layer's most active neuron often has among the smallest weights), so scores come from
+activations on calibration data; ``magnitude_importance`` and ``random_importance`` are the baselines.
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -48,69 +51,167 @@ def merge_adapter(peft_model, probe: Sequence[Example], tokenizer, max_seq_len: 
     return merged
 
 
+@dataclass
+class Importance:
+    """How much each prunable structure matters, higher = keep.
+
+    ``neurons`` [layers, intermediate] per MLP neuron, ``kv_groups`` [layers, kv_heads] per key/value
+    group (its query heads are kept or removed with it, so grouped-query attention stays consistent),
+    ``layers`` [layers] per decoder block.
+    """
+
+    neurons: torch.Tensor
+    kv_groups: torch.Tensor
+    layers: torch.Tensor
+    method: str
+
+
 @torch.no_grad()
-def mlp_importance(model, examples: Sequence[Example], tokenizer, max_seq_len: int,
-                   batch_size: int = 8) -> torch.Tensor:
-    """Scores [layers, intermediate]: RMS activation into down_proj times its weight column norm."""
+def activation_importance(model, examples: Sequence[Example], tokenizer, max_seq_len: int,
+                          batch_size: int = 8) -> Importance:
+    """Scores from one pass over ``examples`` (the lineage's own data), on what each part contributes.
+
+    * neuron j: RMS of its activation into ``down_proj`` x the norm of its ``down_proj`` column;
+    * KV group: sum over its query heads of the RMS norm of the head's output through ``o_proj``;
+    * layer: mean over tokens of 1 - cos(block input, block output), how much the block changes the
+      residual stream (a block that barely turns it can go).
+    """
+    cfg = model.config
     layers = model.model.layers
     device = model_device(model)
-    sums = [torch.zeros(l.mlp.down_proj.in_features, device=device) for l in layers]
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    neuron_sq = [torch.zeros(l.mlp.down_proj.in_features, device=device) for l in layers]
+    head_sq = [torch.zeros(n_heads, device=device) for _ in layers]
+    turn = torch.zeros(len(layers), device=device)
     count = torch.zeros((), device=device)
     mask_holder: dict[str, torch.Tensor] = {}
 
-    def hook(i):
+    def on_down(i):
         def fn(_module, args):
             a = args[0].float()  # [B, T, I]
-            m = mask_holder["m"].unsqueeze(-1).to(a.dtype)
-            sums[i].add_((a * a * m).sum(dim=(0, 1)))
+            m = mask_holder["m"].unsqueeze(-1)
+            neuron_sq[i].add_((a * a * m).sum(dim=(0, 1)))
         return fn
 
-    handles = [l.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, l in enumerate(layers)]
+    def on_o(i):
+        def fn(module, args):
+            a = args[0].float()  # [B, T, H * head_dim]
+            B, T, _ = a.shape
+            w = module.weight.float().view(module.out_features, n_heads, head_dim)  # [hidden, H, d]
+            out = torch.einsum("bthd,ohd->btho", a.view(B, T, n_heads, head_dim), w)  # per-head output
+            head_sq[i].add_((out.pow(2).sum(-1) * mask_holder["m"].unsqueeze(-1)).sum(dim=(0, 1)))
+        return fn
+
+    def on_block(i):
+        def fn(_module, args, kwargs, output):
+            h_in = (args[0] if args else kwargs["hidden_states"]).float()
+            h_out = (output[0] if isinstance(output, tuple) else output).float()
+            cos = F.cosine_similarity(h_in, h_out, dim=-1)  # [B, T]
+            turn[i] += ((1 - cos) * mask_holder["m"]).sum()
+        return fn
+
+    handles = []
+    for i, l in enumerate(layers):
+        handles.append(l.mlp.down_proj.register_forward_pre_hook(on_down(i)))
+        handles.append(l.self_attn.o_proj.register_forward_pre_hook(on_o(i)))
+        handles.append(l.register_forward_hook(on_block(i), with_kwargs=True))
     try:
         model.eval()
         for part in chunks(list(examples), batch_size):
             b = collate(tokenizer, part, max_seq_len, device)
-            mask_holder["m"] = b.attention_mask
+            mask_holder["m"] = b.attention_mask.float()
             count += b.attention_mask.sum()
             model(input_ids=b.input_ids, attention_mask=b.attention_mask)
     finally:
         for h in handles:
             h.remove()
-    scores = []
-    for i, l in enumerate(layers):
-        col_norm = l.mlp.down_proj.weight.float().norm(dim=0)
-        scores.append((sums[i] / count.clamp(min=1)).sqrt() * col_norm)
-    return torch.stack(scores)
-
-
-def magnitude_importance(model) -> torch.Tensor:
-    """The baseline: weight norms only (rows of gate/up, column of down)."""
-    out = []
-    for l in model.model.layers:
-        mlp = l.mlp
-        out.append(mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1) * mlp.down_proj.weight.norm(dim=0))
-    return torch.stack(out)
+    n = count.clamp(min=1)
+    neurons = torch.stack([(neuron_sq[i] / n).sqrt() * l.mlp.down_proj.weight.float().norm(dim=0)
+                           for i, l in enumerate(layers)])
+    heads = torch.stack([(h / n).sqrt() for h in head_sq])  # [L, H]
+    kv_groups = heads.view(len(layers), n_kv, n_heads // n_kv).sum(-1)
+    return Importance(neurons.cpu(), kv_groups.cpu(), (turn / n).cpu(), "activation")
 
 
 @torch.no_grad()
-def prune_mlp(model, scores: torch.Tensor, width: int) -> LlamaForCausalLM:
-    """A new dense model keeping the ``width`` highest-scoring neurons of every layer's MLP."""
+def magnitude_importance(model) -> Importance:
+    """The baseline: weight norms only, no data."""
+    cfg = model.config
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    neurons, groups, blocks = [], [], []
+    for l in model.model.layers:
+        mlp, at = l.mlp, l.self_attn
+        neurons.append(mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
+                       * mlp.down_proj.weight.norm(dim=0))
+        q = at.q_proj.weight.view(n_heads, -1).norm(dim=1)
+        o = at.o_proj.weight.view(at.o_proj.out_features, n_heads, -1).norm(dim=(0, 2))
+        groups.append((q * o).view(n_kv, -1).sum(-1))
+        blocks.append(sum(p.norm() ** 2 for p in l.parameters()).sqrt())
+    return Importance(torch.stack(neurons).float().cpu(), torch.stack(groups).float().cpu(),
+                      torch.stack(blocks).float().cpu(), "magnitude")
+
+
+def random_importance(model, seed: int = 0) -> Importance:
+    """The floor: random scores of the same shapes."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    L = cfg.num_hidden_layers
+    return Importance(torch.rand(L, cfg.intermediate_size, generator=g),
+                      torch.rand(L, cfg.num_key_value_heads, generator=g), torch.rand(L, generator=g), "random")
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(torch.topk(scores, k).indices).values
+
+
+@torch.no_grad()
+def prune(model, importance: Importance, intermediate: int, kv_heads: int | None = None,
+          layers: int | None = None) -> LlamaForCausalLM:
+    """A new dense model with the highest-scoring ``layers`` blocks and, in every kept block, the
+    ``kv_heads`` best KV groups (with their query heads) and ``intermediate`` best MLP neurons.
+
+    The same counts in every block keep the result a standard ``LlamaConfig``.
+    """
     cfg: LlamaConfig = copy.deepcopy(model.config)
-    cfg.intermediate_size = int(width)
-    small = LlamaForCausalLM(cfg).to(torch.float32).to(model_device(model))
+    n_heads, n_kv, n_layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
+    kv_heads = n_kv if kv_heads is None else int(kv_heads)
+    layers = n_layers if layers is None else int(layers)
+    if not (1 <= kv_heads <= n_kv and 1 <= layers <= n_layers and 1 <= intermediate <= cfg.intermediate_size):
+        raise ValueError(f"cannot prune to {layers} layers, {kv_heads} KV heads, MLP {intermediate}")
+    per_group = n_heads // n_kv
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    cfg.head_dim = head_dim  # no longer hidden_size / heads once heads go
+    cfg.intermediate_size, cfg.num_key_value_heads = int(intermediate), kv_heads
+    cfg.num_attention_heads, cfg.num_hidden_layers = kv_heads * per_group, layers
+    kept_layers = _top(importance.layers, layers).tolist()
+
+    def rows(groups: torch.Tensor, size: int) -> torch.Tensor:  # feature indices of whole groups
+        return (groups.unsqueeze(1) * size + torch.arange(size)).flatten()
+
     state = model.state_dict()
-    new_state = {}
-    keep = [torch.sort(torch.topk(s, width).indices).values for s in scores]
-    for name, t in state.items():
-        parts = name.split(".")
-        if "mlp" in parts:
-            li = int(parts[parts.index("layers") + 1])
-            idx = keep[li]
-            if "down_proj" in parts:
-                t = t[:, idx]
-            else:  # gate_proj / up_proj rows
-                t = t[idx]
-        new_state[name] = t.clone()
+    new_state = {k: v.clone() for k, v in state.items() if ".layers." not in k}
+    for new_i, old_i in enumerate(kept_layers):
+        neurons = _top(importance.neurons[old_i], intermediate)
+        groups = _top(importance.kv_groups[old_i], kv_heads)
+        q_heads = rows(groups, per_group)
+        q_idx, kv_idx = rows(q_heads, head_dim), rows(groups, head_dim)
+        pick = {"mlp.gate_proj.weight": (0, neurons), "mlp.up_proj.weight": (0, neurons),
+                "mlp.down_proj.weight": (1, neurons), "self_attn.q_proj.weight": (0, q_idx),
+                "self_attn.k_proj.weight": (0, kv_idx), "self_attn.v_proj.weight": (0, kv_idx),
+                "self_attn.o_proj.weight": (1, q_idx),
+                "self_attn.q_proj.bias": (0, q_idx), "self_attn.k_proj.bias": (0, kv_idx),
+                "self_attn.v_proj.bias": (0, kv_idx)}
+        prefix = f"model.layers.{old_i}."
+        for name, t in state.items():
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix):]
+            if rest in pick:
+                dim, idx = pick[rest]
+                t = t.index_select(dim, idx.to(t.device))
+            new_state[f"model.layers.{new_i}.{rest}"] = t.clone()
+    small = LlamaForCausalLM(cfg).to(torch.float32).to(model_device(model))
     missing, unexpected = small.load_state_dict(new_state, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:

@@ -1,13 +1,13 @@
 """When to reduce a lineage, and how much of each structure to keep.
 
-The reduction keeps ``keep`` of the *non-embedding* parameters. This policy takes it all from
-MLP width, the same number of neurons in every layer so the result is a standard LlamaConfig
-(attention heads and depth are kept). Back-off: when a reduced model fails its gate, the next try
-keeps ``backoff`` more, up to ``max_tries`` tries.
+The reduction keeps ``keep`` of the *non-embedding* parameters. ``plan_candidates`` proposes ways
+to spend that budget across MLP width, key/value groups and depth (the same counts in every block,
+so the result is a standard LlamaConfig); the reduction measures each and keeps the best. Back-off:
+when a reduced model fails its gate, the next try keeps ``backoff`` more, up to ``max_tries`` tries.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -28,41 +28,76 @@ class ModelShape:
                    config.num_attention_heads, config.num_key_value_heads, head_dim,
                    config.vocab_size, bool(getattr(config, "tie_word_embeddings", False)))
 
-    def layer_params(self, intermediate: int | None = None) -> int:
-        i = self.intermediate if intermediate is None else intermediate
+    def reshaped(self, intermediate: int, kv_heads: int, layers: int) -> "ModelShape":
+        """The same model with fewer neurons, KV groups (and their query heads) or blocks."""
+        heads = kv_heads * (self.heads // self.kv_heads)
+        return replace(self, intermediate=intermediate, kv_heads=kv_heads, heads=heads, layers=layers)
+
+    def layer_params(self) -> int:
         h, hd = self.hidden, self.head_dim
         attn = 2 * h * self.heads * hd + 2 * h * self.kv_heads * hd
-        return attn + 3 * h * i + 2 * h
+        return attn + 3 * h * self.intermediate + 2 * h
 
-    def non_embedding(self, intermediate: int | None = None) -> int:
-        return self.layers * self.layer_params(intermediate) + self.hidden  # + final norm
+    def non_embedding(self) -> int:
+        return self.layers * self.layer_params() + self.hidden  # + final norm
 
-    def total(self, intermediate: int | None = None) -> int:
-        emb = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.non_embedding(intermediate) + emb
+    def total(self) -> int:
+        return self.non_embedding() + self.vocab * self.hidden * (1 if self.tied else 2)
 
 
 @dataclass(frozen=True)
 class ReductionPlan:
+    """One allocation of a reduction: what the smaller model looks like."""
+
     keep_target: float
     intermediate: int
+    kv_heads: int
+    heads: int
+    layers: int
     keep_achieved: float
     n_params_before: int
     n_params_after: int
 
+    @property
+    def label(self) -> str:
+        return f"mlp{self.intermediate}-kv{self.kv_heads}-L{self.layers}"
 
-def plan_reduction(shape: ModelShape, keep: float, multiple: int = 8, min_share: float = 0.1) -> ReductionPlan:
-    """MLP width that keeps ``keep`` of the non-embedding parameters (rounded to ``multiple``)."""
+
+def plan_reduction(shape: ModelShape, keep: float, kv_heads: int | None = None, layers: int | None = None,
+                   multiple: int = 8, min_share: float = 0.1) -> ReductionPlan | None:
+    """The MLP width that, with ``kv_heads`` groups and ``layers`` blocks, keeps ``keep`` of the
+    non-embedding parameters (rounded to ``multiple``); None when no width between ``min_share`` of
+    the original and the original reaches it with those groups and blocks."""
     if not 0 < keep <= 1:
         raise ValueError("keep must be in (0, 1]")
-    target = keep * shape.non_embedding()
-    fixed = shape.non_embedding(0)
-    per_neuron = 3 * shape.hidden * shape.layers
-    width = int(round((target - fixed) / per_neuron / multiple)) * multiple
+    kv = shape.kv_heads if kv_heads is None else kv_heads
+    n_layers = shape.layers if layers is None else layers
+    fixed = shape.reshaped(0, kv, n_layers).non_embedding()
+    per_neuron = 3 * shape.hidden * n_layers
+    width = int(round((keep * shape.non_embedding() - fixed) / per_neuron / multiple)) * multiple
     floor = max(multiple, int(shape.intermediate * min_share) // multiple * multiple)
+    if (width < floor or width > shape.intermediate) and (kv, n_layers) != (shape.kv_heads, shape.layers):
+        return None  # this allocation cannot spend the budget: it is not a fair candidate
     width = max(floor, min(shape.intermediate, width))
-    return ReductionPlan(keep, width, shape.non_embedding(width) / shape.non_embedding(),
-                         shape.total(), shape.total(width))
+    small = shape.reshaped(width, kv, n_layers)
+    return ReductionPlan(keep, width, kv, small.heads, n_layers, small.non_embedding() / shape.non_embedding(),
+                         shape.total(), small.total())
+
+
+def plan_candidates(shape: ModelShape, keep: float, max_layer_share: float = 0.15) -> list[ReductionPlan]:
+    """Allocations of the same budget between MLP width, KV groups and depth, to be measured.
+
+    Width only; one KV group fewer; and 1, 2 and up to ``max_layer_share`` of the blocks fewer, the
+    MLP width making up the rest. The reduction prunes each, measures it on calibration data and keeps
+    the best (on SmolLM2 at keep 0.6, width only won: see the README's reduction benchmark).
+    """
+    max_drop = max(1, int(shape.layers * max_layer_share)) if shape.layers > 1 else 0
+    drops = sorted({d for d in (0, 1, 2, max_drop) if d <= max_drop})
+    combos = [(shape.kv_heads, shape.layers - d) for d in drops]
+    if shape.kv_heads > 1:
+        combos.insert(1, (shape.kv_heads - 1, shape.layers))
+    plans = [plan_reduction(shape, keep, kv, n_layers) for kv, n_layers in combos]
+    return [p for p in plans if p is not None]
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,10 @@ def test_learn_reduce_and_observe(tmp_path, tiny_model, redis_url, daemon_factor
         assert key in card
     assert card["n_params"] == gen1.num_parameters() and card["generation"] == 1
     assert card["reduction"]["n_params_before"] > card["reduction"]["n_params_after"]
+    first_try = card["reduction"]["gate"]["tries"][0]
+    assert len(first_try["candidates"]) >= 2 and first_try["plan"] in first_try["candidates"]
+    kept_layers = card["reduction"]["pruned"]["layers"][1]
+    assert gen1.config.num_hidden_layers == kept_layers == first_try["layers"]
     assert json.loads(event[b"card"]) == card
 
     # The learner continues on gen-0001 with a fresh adapter.

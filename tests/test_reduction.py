@@ -6,10 +6,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners.data import Example, collate
-from learners.reduction import (MergeError, count_parameters, heal, magnitude_importance, merge_adapter,
-                                mlp_importance, prune_mlp)
+from learners.reduction import (MergeError, activation_importance, count_parameters, heal, magnitude_importance,
+                                merge_adapter, prune, random_importance)
 from learners.update import ContinualLearner, UpdateConfig, evaluate_loss, load_causal_lm
-from policies.reduction import ModelShape, ReductionPolicy, plan_reduction
+from policies.reduction import ModelShape, ReductionPolicy, plan_candidates, plan_reduction
 
 DATA = [Example(id=str(i), prompt=f"Line {i}:", response=f" the value {i % 5} is stored.") for i in range(24)]
 
@@ -52,9 +52,9 @@ def test_pruned_model_reloads_with_identical_logits_and_planned_size(tiny_model,
     shape = ModelShape.of(model.config)
     assert shape.total() == count_parameters(model)
     plan = plan_reduction(shape, 0.6)
-    scores = mlp_importance(model, DATA, tok, 32)
-    assert scores.shape == (model.config.num_hidden_layers, model.config.intermediate_size)
-    small = prune_mlp(model, scores, plan.intermediate)
+    imp = activation_importance(model, DATA, tok, 32)
+    assert imp.neurons.shape == (model.config.num_hidden_layers, model.config.intermediate_size)
+    small = prune(model, imp, plan.intermediate)
     assert count_parameters(small) == plan.n_params_after
     # Within rounding of the requested share of non-embedding parameters.
     per_neuron_share = 3 * shape.hidden * shape.layers * 8 / shape.non_embedding()
@@ -71,8 +71,7 @@ def test_pruned_model_reloads_with_identical_logits_and_planned_size(tiny_model,
 
 def test_keeping_every_neuron_changes_nothing(tiny_model, tok):
     model = load_causal_lm(tiny_model)
-    scores = mlp_importance(model, DATA, tok, 32)
-    same = prune_mlp(model, scores, model.config.intermediate_size)
+    same = prune(model, activation_importance(model, DATA, tok, 32), model.config.intermediate_size)
     assert evaluate_loss(same, tok, DATA, 32) == pytest.approx(evaluate_loss(model, tok, DATA, 32), abs=1e-5)
 
 
@@ -81,10 +80,10 @@ def test_activation_scores_follow_what_the_data_uses(tiny_model, tok):
     with torch.no_grad():  # silence neuron 5 of layer 0: it never fires on any data
         model.model.layers[0].mlp.up_proj.weight[5].zero_()
         model.model.layers[0].mlp.down_proj.weight[:, 7].mul_(100.0)
-    act = mlp_importance(model, DATA, tok, 32)
+    act = activation_importance(model, DATA, tok, 32).neurons
     assert act[0, 5] == 0 and act[0, 7] == act[0].max()
-    mag = magnitude_importance(model)
-    assert mag.shape == act.shape
+    for baseline in (magnitude_importance(model), random_importance(model)):
+        assert baseline.neurons.shape == act.shape and baseline.kv_groups.shape == (2, 2)
 
 
 def test_healing_by_distillation_closes_part_of_the_gap(tiny_model, tok):
@@ -98,8 +97,7 @@ def test_healing_by_distillation_closes_part_of_the_gap(tiny_model, tok):
         loss.backward()
         opt.step()
     teacher.eval()
-    scores = mlp_importance(teacher, DATA, tok, 32)
-    student = prune_mlp(teacher, scores, 16)
+    student = prune(teacher, activation_importance(teacher, DATA, tok, 32), 16)
 
     def kl():
         b = collate(tok, DATA, 32)
@@ -121,3 +119,46 @@ def test_reduction_policy_backs_off_and_judges_perplexity():
     assert p.due(100) and not p.due(99) and not ReductionPolicy(0, 0.6, 1.1).due(10**9)
     assert p.passes({"a": 10.0}, {"a": 10.9}) == (True, pytest.approx(1.09))
     assert p.passes({"a": 10.0, "b": 5.0}, {"a": 10.0, "b": 6.0})[0] is False
+
+
+def _logits(model, tok):
+    b = collate(tok, DATA[:4], 32)
+    with torch.no_grad():
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+
+def test_dead_heads_and_blocks_score_zero_and_pruning_them_changes_nothing(tiny_model, tok, tmp_path):
+    model = load_causal_lm(tiny_model)  # 2 blocks, 4 query heads in 2 KV groups, head_dim 16
+    with torch.no_grad():
+        # KV group 0 of block 0 (query heads 0, 1) writes nothing to the residual stream,
+        model.model.layers[0].self_attn.o_proj.weight[:, :32].zero_()
+        # and block 1 writes nothing at all: its output equals its input.
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    imp = activation_importance(model, DATA, tok, 32)
+    assert imp.kv_groups[0, 0] == 0 and imp.kv_groups[0, 1] > 0
+    assert imp.layers[1] == pytest.approx(0, abs=1e-6) and imp.layers[0] > 1e-3
+    small = prune(model, imp, model.config.intermediate_size, kv_heads=1, layers=1)
+    assert (small.config.num_hidden_layers, small.config.num_key_value_heads, small.config.num_attention_heads) == (1, 1, 2)
+    assert torch.allclose(_logits(small, tok), _logits(model, tok), atol=1e-4)
+    shape = ModelShape.of(model.config).reshaped(model.config.intermediate_size, 1, 1)
+    assert count_parameters(small) == shape.total()
+    small.save_pretrained(tmp_path / "g", safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32)
+    assert torch.allclose(_logits(reloaded, tok), _logits(model, tok), atol=1e-4)
+
+
+def test_candidate_allocations_spend_the_same_budget_differently(tiny_model):
+    from transformers import AutoConfig
+
+    smol = ModelShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152,
+                      tied=True)
+    plans = plan_candidates(smol, 0.6)
+    labels = {(p.intermediate < 1536, p.kv_heads < 3, p.layers < 30) for p in plans}
+    assert {(True, False, False), (True, True, False), (True, False, True)} <= labels
+    step = 3 * 576 * 30 * 8 / smol.non_embedding()  # one rounding step of the MLP width
+    for p in plans:
+        assert abs(p.keep_achieved - 0.6) <= step and p.heads == 3 * p.kv_heads
+    tiny = ModelShape.of(AutoConfig.from_pretrained(tiny_model))
+    for p in plan_candidates(tiny, 0.7):
+        assert p.layers >= 1 and p.kv_heads >= 1 and 8 <= p.intermediate <= tiny.intermediate
