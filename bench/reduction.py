@@ -1,0 +1,337 @@
+"""Generational reduction on SmolLM2-135M specialized to one real domain.
+
+1. Specialize: a LoRA adapter learns Python standard-library sources, then is merged (the model the
+   reduction starts from, as in the daemon).
+2. For each keep ratio, the allocation (MLP width / KV groups / depth) is chosen as the daemon does
+   (lowest calibration loss among ``plan_candidates``), then the same shape is pruned with four
+   importance scores: activations on the target domain (the method), activations on another domain
+   (man pages), weight magnitude, random. Each is healed by distillation from the specialized model on
+   target data for the same steps. Perplexity on target and other held-out documents before and after
+   healing, parameters and safetensors bytes are recorded.
+3. Speed and memory, side by side: CPU forward tokens/s of each activation-pruned model against the
+   unpruned specialized model (interleaved repetitions, median), and peak RSS of a process that loads
+   the checkpoint and runs the same forward.
+4. Cascade: the real daemon learns target data and is asked to reduce (``cascade reduce``) three times
+   in a row: gen-0 -> gen-1 -> gen-2 -> gen-3, each a precursor of the next; size and held-out
+   perplexity of each generation.
+
+Usage: ``python -m bench.reduction [--quick] [--keeps 0.8,0.6,0.4] [--skip-cascade] [--threads N]``;
+``--table JSON`` prints the README tables. Writes bench/results/reduction[-quick].json and .png after
+every step, so a long run keeps what it has.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, Daemon, foundation, live_model, ppl, write_json
+
+TARGET, OTHER = "python", "man"
+METHODS = ["activation-target", "activation-other", "magnitude", "random"]
+
+
+def load_data(n_train: int, n_calib: int, n_held: int, seed: int = 0) -> dict:
+    """Target train / calibration / held-out and other-domain calibration / held-out, split by document."""
+    from daemon.corpus import SOURCES, interactions
+    from learners.data import Example
+
+    def records(domain: str, n_docs: int) -> tuple[list, list]:
+        docs = SOURCES[domain](n_docs, seed)
+        n_held_docs = max(2, n_held // 4 + 1)
+        held = [r for d in docs[:n_held_docs] for r in interactions(d, domain)]
+        rest = [r for d in docs[n_held_docs:] for r in interactions(d, domain)]
+        random.Random(seed).shuffle(rest)
+        return held[:n_held], rest
+
+    def ex(recs, tag):
+        return [Example(id=f"{tag}-{i}", prompt=r["prompt"], response=r["response"], domain=r["meta"]["domain"])
+                for i, r in enumerate(recs)]
+
+    t_held, t_rest = records(TARGET, (n_train + n_calib + n_held) // 3 + 8)
+    o_held, o_rest = records(OTHER, (n_calib + n_held) // 3 + 8)
+    assert len(t_rest) >= n_train + n_calib and len(o_rest) >= n_calib, "not enough text found on this machine"
+    return {"train_records": t_rest[:n_train], "train": ex(t_rest[:n_train], "train"),
+            "calib": ex(t_rest[n_train:n_train + n_calib], "calib"), "held": ex(t_held, "held"),
+            "other_calib": ex(o_rest[:n_calib], "ocalib"), "other_held": ex(o_held, "oheld")}
+
+
+def specialize(base: Path, tok, data: dict, steps: int, seq: int):
+    from learners.reduction import merge_adapter
+    from learners.update import ContinualLearner, UpdateConfig
+
+    cfg = UpdateConfig(learning_rate=1e-3, batch_size=4, max_seq_len=seq, constraints=frozenset())
+    learner = ContinualLearner(base, tok, cfg)
+    train = data["train"]
+    for i in range(steps):
+        learner.step([train[(4 * i + k) % len(train)] for k in range(4)])
+    return merge_adapter(learner.model, data["calib"][:4], tok, seq).eval()
+
+
+def file_bytes(model, tok, where: Path) -> int:
+    model.save_pretrained(str(where), safe_serialization=True)
+    tok.save_pretrained(str(where))
+    return sum(f.stat().st_size for f in where.glob("*.safetensors"))
+
+
+def forward_speed(models: dict, tok, examples, seq: int, reps: int) -> dict[str, float]:
+    """Tokens/s of one forward over the same batch, interleaved across models, median of ``reps``."""
+    import torch
+
+    from learners.data import collate
+
+    b = collate(tok, list(examples), seq)
+    n_tokens = int(b.attention_mask.sum())
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():  # warm-up
+            m(input_ids=b.input_ids, attention_mask=b.attention_mask)
+        for _ in range(reps):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                times[k].append(time.perf_counter() - t0)
+    return {k: n_tokens / statistics.median(v) for k, v in times.items()}
+
+
+PEAK_RSS = """
+import learners, sys, torch
+from transformers import AutoTokenizer
+from learners.data import Example, collate
+from learners.update import load_causal_lm
+torch.set_num_threads(int(sys.argv[3]))
+m = load_causal_lm(sys.argv[1]).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+b = collate(tok, [Example(id=str(i), prompt="x " * 400, response="y " * 400) for i in range(4)], int(sys.argv[2]))
+with torch.no_grad():
+    m(input_ids=b.input_ids, attention_mask=b.attention_mask)
+# VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak.
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+"""
+
+
+def peak_rss(model_dir: Path, seq: int, threads: int) -> int:
+    """Peak resident memory (bytes) of a fresh process that loads ``model_dir`` and runs one forward."""
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(model_dir), str(seq), str(threads)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work: Path, eval_fn) -> dict:
+    from learners.reduction import (activation_importance, count_parameters, heal, magnitude_importance, prune,
+                                    random_importance)
+    from learners.update import evaluate_loss
+    from policies.reduction import ModelShape, plan_candidates
+
+    imps = {"activation-target": activation_importance(spec, data["calib"], tok, seq),
+            "activation-other": activation_importance(spec, data["other_calib"], tok, seq),
+            "magnitude": magnitude_importance(spec), "random": random_importance(spec)}
+    shape = ModelShape.of(spec.config)
+    probe = data["calib"][: len(data["calib"]) // 2]
+    candidates = []
+    for plan in plan_candidates(shape, keep):
+        student = prune(spec, imps["activation-target"], plan.intermediate, plan.kv_heads, plan.layers)
+        candidates.append((evaluate_loss(student, tok, probe, seq), plan))
+        del student
+    _, plan = min(candidates, key=lambda c: c[0])
+    print(f"keep {keep}: allocations " + ", ".join(f"{p.label}={l:.3f}" for l, p in candidates)
+          + f" -> {plan.label}", flush=True)
+    out = {"plan": plan.label, "keep_achieved": plan.keep_achieved,
+           "candidates": {p.label: loss for loss, p in candidates}, "methods": {}}
+    for method in METHODS:
+        student = prune(spec, imps[method], plan.intermediate, plan.kv_heads, plan.layers)
+        pruned = eval_fn(student)
+        t0 = time.monotonic()
+        heal(student, spec, data["calib"], tok, seq, heal_steps, lr=1e-4, batch_size=4)
+        healed = eval_fn(student)
+        row = {"pruned": pruned, "healed": healed, "heal_seconds": time.monotonic() - t0,
+               "n_params": count_parameters(student)}
+        if method == "activation-target":
+            row["bytes"] = file_bytes(student, tok, work / f"keep{keep}")
+        out["methods"][method] = row
+        print(f"  {method}: pruned ppl target {pruned['target']:.2f} other {pruned['other']:.2f} -> healed "
+              f"{healed['target']:.2f} / {healed['other']:.2f}", flush=True)
+        del student
+    return out
+
+
+def run_cascade(base: Path, data: dict, seq: int, generations: int, work: Path, heal_steps: int) -> list[dict]:
+    """gen-0 -> gen-1 -> ... through the real daemon: learn a batch, ``cascade reduce``, repeat."""
+    from learners.update import evaluate_loss
+
+    settings = {"base_model": base, "max_seq_len": seq, "learning_rate": 1e-3, "batch_size": 4,
+                "reduce_every": 0, "reduce_keep": 0.85, "reduce_budget": 1.5, "heal_steps": heal_steps,
+                "calibration_items": 32, "metrics_port": 0, "heldout_fraction": 0.1}
+    daemon = Daemon(work / "cascade", settings, "daemon.log")
+    recs = data["train_records"]
+    per_gen = len(recs) // (generations + 1)
+    rows = []
+
+    def measure(label: str) -> dict:
+        model, tok = live_model(daemon.home)
+        n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" not in n_)
+        row = {"generation": label, "n_params": n,
+               "ppl_target": ppl(evaluate_loss(model, tok, data["held"], seq)),
+               "ppl_other": ppl(evaluate_loss(model, tok, data["other_held"], seq))}
+        print(f"  cascade {label}: {row}", flush=True)
+        return row
+
+    try:
+        for g in range(generations + 1):
+            daemon.publish([{**r, "id": f"c{g}-{i}"} for i, r in enumerate(recs[g * per_gen:(g + 1) * per_gen])])
+            daemon.wait_drained()
+            lineage = daemon.home / "registry" / "main"
+            before = (lineage / "CURRENT").read_text().strip()
+            rows.append(measure(before))
+            if g == generations:
+                break
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-m", "daemon.cli", "reduce", "--lineage", "main"], env=daemon.env,
+                           check=True, capture_output=True)
+            while (lineage / "CURRENT").read_text().strip() == before:
+                if daemon.proc.poll() is not None:
+                    raise RuntimeError(f"daemon exited: see {daemon.home}")
+                if time.monotonic() - t0 > 3600:
+                    raise TimeoutError("no new generation within an hour (a rejected reduction?)")
+                time.sleep(2)
+            card = json.loads((lineage / (lineage / "CURRENT").read_text().strip() / "card.json").read_text())
+            rows[-1]["reduction_seconds"] = time.monotonic() - t0
+            rows[-1]["next"] = {"parent": card["parent"], "plan": card["reduction"]["gate"]["tries"][-1]["plan"],
+                                "keep_achieved": card["reduction"]["keep_achieved"]}
+    finally:
+        daemon.stop()
+    return rows
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    base = doc["specialized"]
+    for ax, which in zip(axes, ["target", "other"]):
+        for method in METHODS:
+            pts = sorted((v["methods"][method]["n_params"], v["methods"][method]["healed"][which])
+                         for v in doc["keeps"].values() if method in v["methods"])
+            if pts:
+                ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], "o-", label=method)
+        ax.axhline(base["ppl"][which], color="k", ls="--", lw=1, label="unpruned (specialized)")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(f"held-out perplexity, {doc[which + '_domain']} (after healing)")
+        ax.set_title(f"{which} domain: {doc[which + '_domain']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown_tables(doc: dict) -> str:
+    base = doc["specialized"]
+    lines = [f"unpruned specialized model: {base['n_params']:,} parameters, {base['bytes'] / 2**20:.0f} MiB, "
+             f"ppl {doc['target_domain']} {base['ppl']['target']:.2f} / {doc['other_domain']} {base['ppl']['other']:.2f}",
+             "", f"| keep | shape | method | ppl {doc['target_domain']} pruned -> healed | ppl {doc['other_domain']} "
+             "pruned -> healed | healed / unpruned (target) |", "|---|---|---|---|---|---|"]
+    for keep, v in doc["keeps"].items():
+        for method, m in v["methods"].items():
+            lines.append(f"| {keep} | {v['plan']} | {method} | {m['pruned']['target']:.2f} -> {m['healed']['target']:.2f}"
+                         f" | {m['pruned']['other']:.2f} -> {m['healed']['other']:.2f} | "
+                         f"{m['healed']['target'] / base['ppl']['target']:.2f}x |")
+    if doc.get("speed"):
+        lines += ["", "| model | parameters | safetensors MiB | forward tokens/s | speed-up | peak RSS MiB |",
+                  "|---|---|---|---|---|---|"]
+        for k, s in doc["speed"].items():
+            lines.append(f"| {k} | {s['n_params']:,} | {s['bytes'] / 2**20:.0f} | {s['tokens_per_s']:.0f} | "
+                         f"{s['speedup']:.2f}x | {s['peak_rss'] / 2**20:.0f} |")
+    if doc.get("cascade"):
+        lines += ["", f"| generation | parameters | ppl {doc['target_domain']} | ppl {doc['other_domain']} | "
+                  "next: plan (keep achieved) | reduction minutes |", "|---|---|---|---|---|---|"]
+        for r in doc["cascade"]:
+            nxt = r.get("next")
+            lines.append(f"| {r['generation']} | {r['n_params']:,} | {r['ppl_target']:.2f} | {r['ppl_other']:.2f} | "
+                         + (f"{nxt['plan']} ({nxt['keep_achieved']:.3f}) | {r['reduction_seconds'] / 60:.1f} |"
+                            if nxt else "- | - |"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a smoke run: little data, few steps")
+    ap.add_argument("--keeps", default="0.8,0.6,0.4")
+    ap.add_argument("--skip-cascade", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--table", metavar="JSON", help="only print the README tables of an earlier run")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_tables(json.loads(Path(args.table).read_text())))
+        return 0
+    import torch
+    from transformers import AutoTokenizer
+
+    from learners.reduction import count_parameters
+    from learners.update import evaluate_loss, load_causal_lm
+
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    seq = 64 if q else 128
+    n_train, n_calib, n_held = (16, 8, 8) if q else (128, 48, 24)
+    spec_steps, heal_steps = (4, 2) if q else (32, 24)
+    base = foundation()
+    tok = AutoTokenizer.from_pretrained(str(base))
+    data = load_data(n_train, n_calib, n_held)
+    suffix = "-quick" if q else ""
+    work = Path(tempfile.mkdtemp(prefix="cascade-reduction-"))
+
+    def eval_fn(model) -> dict[str, float]:
+        return {"target": ppl(evaluate_loss(model, tok, data["held"], seq)),
+                "other": ppl(evaluate_loss(model, tok, data["other_held"], seq))}
+
+    t0 = time.monotonic()
+    spec = specialize(base, tok, data, spec_steps, seq)
+    doc = {"target_domain": TARGET, "other_domain": OTHER, "max_seq_len": seq, "threads": args.threads,
+           "sizes": {"train": n_train, "calibration": n_calib, "heldout": n_held},
+           "specialize_steps": spec_steps, "heal_steps": heal_steps,
+           "foundation": {"ppl": eval_fn(load_causal_lm(base))},
+           "specialized": {"ppl": eval_fn(spec), "n_params": count_parameters(spec),
+                           "bytes": file_bytes(spec, tok, work / "specialized")},
+           "keeps": {}, "speed": {}, "cascade": []}
+    print(f"foundation {doc['foundation']['ppl']}, specialized {doc['specialized']['ppl']} "
+          f"({time.monotonic() - t0:.0f} s)", flush=True)
+
+    def save() -> None:
+        write_json(f"reduction{suffix}.json", doc)
+        plot(doc, RESULTS / f"reduction{suffix}.png")
+
+    for keep in [float(k) for k in args.keeps.split(",")]:
+        doc["keeps"][str(keep)] = run_keep(keep, spec, tok, data, seq, heal_steps, work, eval_fn)
+        save()
+
+    models = {"unpruned": spec}
+    models.update({f"keep {k}": load_causal_lm(work / f"keep{k}") for k in doc["keeps"]})
+    speed = forward_speed(models, tok, data["held"][:8], seq, reps=3 if q else 9)
+    for k, tps in speed.items():
+        d = work / ("specialized" if k == "unpruned" else f"keep{k.split()[1]}")
+        doc["speed"][k] = {"tokens_per_s": tps, "speedup": tps / speed["unpruned"],
+                           "n_params": count_parameters(models[k]),
+                           "bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),
+                           "peak_rss": peak_rss(d, seq, args.threads)}
+    save()
+    del models, spec
+
+    if not args.skip_cascade:
+        doc["cascade"] = run_cascade(base, data, seq, 3, work, heal_steps)
+        save()
+    print(markdown_tables(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
