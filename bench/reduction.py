@@ -8,14 +8,15 @@
    (man pages), weight magnitude, random. Each is healed by distillation from the specialized model on
    target data for the same steps. Perplexity on target and other held-out documents before and after
    healing, parameters and safetensors bytes are recorded.
-3. Speed and memory, side by side: CPU forward tokens/s of each activation-pruned model against the
-   unpruned specialized model (interleaved repetitions, median), and peak RSS of a process that loads
-   the checkpoint and runs the same forward.
+3. Speed and memory, side by side: CPU forward tokens/s of each keep's activation-pruned model against
+   the unpruned specialized model (interleaved repetitions, median), and peak RSS of a fresh process
+   that loads the checkpoint and runs the same forward.
 4. Cascade: the real daemon learns target data and is asked to reduce (``cascade reduce``) three times
    in a row: gen-0 -> gen-1 -> gen-2 -> gen-3, each a precursor of the next; size and held-out
    perplexity of each generation.
 
-Usage: ``python -m bench.reduction [--quick] [--keeps 0.8,0.6,0.4] [--skip-cascade] [--threads N]``;
+Usage: ``python -m bench.reduction [--quick] [--keeps 0.8,0.6,0.4] [--skip-cascade | --cascade-only]
+[--threads N]``;
 ``--table JSON`` prints the README tables. Writes bench/results/reduction[-quick].json and .png after
 every step, so a long run keeps what it has.
 """
@@ -124,6 +125,17 @@ def peak_rss(model_dir: Path, seq: int, threads: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def measure_speed(spec, student, tok, examples, seq: int, student_dir: Path, reps: int = 9) -> dict:
+    """Forward tokens/s and peak RSS of the pruned model against the unpruned one, side by side."""
+    import torch
+
+    tps = forward_speed({"unpruned": spec, "pruned": student}, tok, examples, seq, reps)
+    threads = torch.get_num_threads()
+    return {"tokens_per_s": tps["pruned"], "unpruned_tokens_per_s": tps["unpruned"],
+            "speedup": tps["pruned"] / tps["unpruned"], "peak_rss": peak_rss(student_dir, seq, threads),
+            "unpruned_peak_rss": peak_rss(student_dir.parent / "specialized", seq, threads)}
+
+
 def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work: Path, eval_fn) -> dict:
     from learners.reduction import (activation_importance, count_parameters, heal, magnitude_importance, prune,
                                     random_importance)
@@ -155,6 +167,7 @@ def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work
                "n_params": count_parameters(student)}
         if method == "activation-target":
             row["bytes"] = file_bytes(student, tok, work / f"keep{keep}")
+            out["speed"] = measure_speed(spec, student, tok, data["held"][:8], seq, work / f"keep{keep}")
         out["methods"][method] = row
         print(f"  {method}: pruned ppl target {pruned['target']:.2f} other {pruned['other']:.2f} -> healed "
               f"{healed['target']:.2f} / {healed['other']:.2f}", flush=True)
@@ -245,12 +258,16 @@ def markdown_tables(doc: dict) -> str:
             lines.append(f"| {keep} | {v['plan']} | {method} | {m['pruned']['target']:.2f} -> {m['healed']['target']:.2f}"
                          f" | {m['pruned']['other']:.2f} -> {m['healed']['other']:.2f} | "
                          f"{m['healed']['target'] / base['ppl']['target']:.2f}x |")
-    if doc.get("speed"):
-        lines += ["", "| model | parameters | safetensors MiB | forward tokens/s | speed-up | peak RSS MiB |",
-                  "|---|---|---|---|---|---|"]
-        for k, s in doc["speed"].items():
-            lines.append(f"| {k} | {s['n_params']:,} | {s['bytes'] / 2**20:.0f} | {s['tokens_per_s']:.0f} | "
-                         f"{s['speedup']:.2f}x | {s['peak_rss'] / 2**20:.0f} |")
+    speeds = {k: v["speed"] for k, v in doc["keeps"].items() if "speed" in v}
+    if speeds:
+        lines += ["", "| keep | parameters | safetensors MiB | forward tokens/s (unpruned, same run) | speed-up | "
+                  "peak RSS MiB (unpruned) |", "|---|---|---|---|---|---|"]
+        for k, sp in speeds.items():
+            m = doc["keeps"][k]["methods"]["activation-target"]
+            lines.append(f"| {k} | {m['n_params']:,} ({m['n_params'] / base['n_params']:.2f}x) | "
+                         f"{m['bytes'] / 2**20:.0f} ({base['bytes'] / 2**20:.0f}) | {sp['tokens_per_s']:.0f} "
+                         f"({sp['unpruned_tokens_per_s']:.0f}) | {sp['speedup']:.2f}x | {sp['peak_rss'] / 2**20:.0f} "
+                         f"({sp['unpruned_peak_rss'] / 2**20:.0f}) |")
     if doc.get("cascade"):
         lines += ["", f"| generation | parameters | ppl {doc['target_domain']} | ppl {doc['other_domain']} | "
                   "next: plan (keep achieved) | reduction minutes |", "|---|---|---|---|---|---|"]
@@ -267,6 +284,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: little data, few steps")
     ap.add_argument("--keeps", default="0.8,0.6,0.4")
     ap.add_argument("--skip-cascade", action="store_true")
+    ap.add_argument("--cascade-only", action="store_true", help="only the cascade, added to an earlier run's JSON")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--table", metavar="JSON", help="only print the README tables of an earlier run")
     args = ap.parse_args(argv)
@@ -294,6 +312,13 @@ def main(argv=None) -> int:
         return {"target": ppl(evaluate_loss(model, tok, data["held"], seq)),
                 "other": ppl(evaluate_loss(model, tok, data["other_held"], seq))}
 
+    if args.cascade_only:
+        path = RESULTS / f"reduction{suffix}.json"
+        doc = json.loads(path.read_text())
+        doc["cascade"] = run_cascade(base, data, seq, 3, work, heal_steps)
+        write_json(path.name, doc)
+        print(markdown_tables(doc))
+        return 0
     t0 = time.monotonic()
     spec = specialize(base, tok, data, spec_steps, seq)
     doc = {"target_domain": TARGET, "other_domain": OTHER, "max_seq_len": seq, "threads": args.threads,
@@ -302,7 +327,7 @@ def main(argv=None) -> int:
            "foundation": {"ppl": eval_fn(load_causal_lm(base))},
            "specialized": {"ppl": eval_fn(spec), "n_params": count_parameters(spec),
                            "bytes": file_bytes(spec, tok, work / "specialized")},
-           "keeps": {}, "speed": {}, "cascade": []}
+           "keeps": {}, "cascade": []}
     print(f"foundation {doc['foundation']['ppl']}, specialized {doc['specialized']['ppl']} "
           f"({time.monotonic() - t0:.0f} s)", flush=True)
 
@@ -314,17 +339,7 @@ def main(argv=None) -> int:
         doc["keeps"][str(keep)] = run_keep(keep, spec, tok, data, seq, heal_steps, work, eval_fn)
         save()
 
-    models = {"unpruned": spec}
-    models.update({f"keep {k}": load_causal_lm(work / f"keep{k}") for k in doc["keeps"]})
-    speed = forward_speed(models, tok, data["held"][:8], seq, reps=3 if q else 9)
-    for k, tps in speed.items():
-        d = work / ("specialized" if k == "unpruned" else f"keep{k.split()[1]}")
-        doc["speed"][k] = {"tokens_per_s": tps, "speedup": tps / speed["unpruned"],
-                           "n_params": count_parameters(models[k]),
-                           "bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),
-                           "peak_rss": peak_rss(d, seq, args.threads)}
-    save()
-    del models, spec
+    del spec
 
     if not args.skip_cascade:
         doc["cascade"] = run_cascade(base, data, seq, 3, work, heal_steps)
