@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -103,6 +104,9 @@ class Daemon:
         return self
 
     def _start_ray(self) -> None:
+        if not self.s.ray_address:
+            # Ray reads its settings when it is first imported, so they are set before `import ray`.
+            self._secure_local_ray_env()
         import ray
 
         runtime_env = {"worker_process_setup_hook": "daemon.actors.setup_worker",
@@ -112,13 +116,26 @@ class Daemon:
         if self.s.ray_address:
             ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
         else:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20,
-                     _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
-                     configure_logging=False)
+            ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20,
+                           _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
+                           configure_logging=False)
             self._ray_started = True
+            gcs = ctx.address_info["gcs_address"]
+            if os.environ["RAY_AUTH_MODE"] == "token":
+                log.info("local Ray started on %s with token authentication (RAY_AUTH_MODE=token)", gcs)
+            else:
+                log.warning("local Ray started on %s without token authentication (RAY_AUTH_MODE=%s)", gcs,
+                            os.environ["RAY_AUTH_MODE"])
+
+    @staticmethod
+    def _secure_local_ray_env() -> None:
+        """Loopback listeners and token authentication with a fresh random token for the daemon's own
+        Ray, unless the operator chose otherwise with ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN(_PATH)``."""
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ["RAY_AUTH_MODE"] == "token" and not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ)):
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
     def _learner(self, lineage: str):
         if lineage in self.learners:
