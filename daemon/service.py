@@ -27,7 +27,7 @@ from daemon.foundation import ensure_foundation
 from daemon.metrics import Metrics, MetricsServer
 from daemon.registry import GEN_RE, Registry, check_lineage
 from daemon.schema import Interaction
-from daemon.stream import connect
+from daemon.stream import connect, redact_url
 
 log = logging.getLogger("cascade.daemon")
 MAX_LEARN_ATTEMPTS = 3
@@ -89,7 +89,11 @@ class Daemon:
             self.redis_url = self.embedded.url
             log.info("embedded Redis on %s", self.embedded.socket)
         self.redis = connect(self.redis_url)
-        self.redis.ping()
+        try:
+            self.redis.ping()
+        except redis.AuthenticationError as e:
+            raise redis.AuthenticationError(f"Redis at {redact_url(self.redis_url)} refused the credentials in "
+                                            f"CASCADE_REDIS_URL ({e})") from None
         self.redis_ok = True
         ensure_foundation(self.registry.lineage("main"), s.base_model)
         self._start_ray()

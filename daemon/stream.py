@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -19,6 +20,16 @@ def connect(url: str, **kw) -> redis.Redis:
     if not url.startswith("unix://"):
         kw.setdefault("socket_keepalive", True)
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, **kw)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _sid(x) -> str:
