@@ -25,7 +25,7 @@ from daemon.config import Settings
 from daemon.embedded_redis import EmbeddedRedis
 from daemon.foundation import ensure_foundation
 from daemon.metrics import Metrics, MetricsServer
-from daemon.registry import GEN_RE, Registry, check_lineage
+from daemon.registry import GEN_RE, LINEAGE_RE, Registry, check_lineage
 from daemon.schema import Interaction
 from daemon.stream import connect, redact_url
 
@@ -298,7 +298,7 @@ class Daemon:
             self.paused = False
         elif name == "reduce":
             lineage = cmd.get("lineage", "main")
-            if lineage in self.learners or self.registry.lineage(lineage).exists():
+            if LINEAGE_RE.match(lineage) and (lineage in self.learners or self.registry.lineage(lineage).exists()):
                 self._learner(lineage)
                 self.reduce_requests[lineage] = "command"
             else:

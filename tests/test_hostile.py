@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sqlite3
 import urllib.request
 
@@ -215,13 +216,20 @@ def test_fuzz_entries_with_the_right_fields_are_valid_or_rejected_with_a_known_r
 
 
 # -- through the daemon -----------------------------------------------------------------------------
+HOSTILE_CONTROLS = [{"command": "reduce", "lineage": "../x"}, {"command": "reduce", "lineage": "x\n"},
+                    {"command": "fork", "from": "../x/gen-0000", "to": "y"},
+                    {"command": "fork", "from": "main/gen-0000", "to": "../x"},
+                    {"command": "fork", "from": "main/gen-0000\n", "to": "y"},
+                    {"command": "rm -rf /"}, {"command": b"\xff\xfe"}, {"lineage": "main"}]
+
+
 def health(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
         return r.status
 
 
 @needs_redis_server
-def test_hostile_entries_between_good_ones_are_dead_lettered_and_the_good_ones_learned(tmp_path, tiny_model,
+def test_hostile_entries_and_commands_are_dead_lettered_or_ignored_and_the_good_ones_learned(tmp_path, tiny_model,
                                                                                       daemon_factory):
     n_good, resent = 48, [3, 17, 17]
     with RedisServer(tmp_path / "redis") as server:
@@ -243,7 +251,10 @@ def test_hostile_entries_between_good_ones_are_dead_lettered_and_the_good_ones_l
             r.xadd(STREAM, {**interaction(i), "id": f"good-{i}"})
         for i in resent:  # a producer retrying: learned at most once, counted as duplicates
             r.xadd(STREAM, {**interaction(i), "id": f"good-{i}"})
+        for command in HOSTILE_CONTROLS:
+            r.xadd("cascade:control", encode(command))
         wait_drained(r, STREAM, GROUP, proc=d)
+        wait_drained(r, "cascade:control", GROUP, proc=d)
 
         dead = {e[1][b"source_id"].decode(): e[1] for e in r.xrange(f"{STREAM}:dead")}
         assert {eid: f[b"reason"].decode() for eid, f in dead.items()} == expected
@@ -267,5 +278,7 @@ def test_hostile_entries_between_good_ones_are_dead_lettered_and_the_good_ones_l
             assert metric_value(m, "cascade_interactions_rejected_total", reason=reason) == \
                 sum(1 for _, want in bad if want == reason)
         assert metric_value(m, "cascade_interactions_duplicate_total", lineage="main") == len(resent)
+        refused = re.findall(r"WARNING cascade\.daemon: control: (?:.* ignored|fork failed)", d.log.read_text())
+        assert len(refused) == len(HOSTILE_CONTROLS)
         assert d.proc.poll() is None and health(d.port) == 200
         assert d.terminate() == 0
