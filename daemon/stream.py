@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -23,13 +22,12 @@ def connect(url: str, **kw) -> redis.Redis:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with everything before its last ``@`` (user and password) replaced by ``***``, for
+    logs and error messages; safe for malformed URLs too (e.g. a password with an unescaped ``/``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 def _sid(x) -> str:

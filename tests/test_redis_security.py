@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from daemon.config import SettingsError, load_settings
 from tests.conftest import DaemonProcess, settings_env, wait_drained
 from tests.redis_servers import RedisServer, TlsUnsupported, make_tls_files, needs_redis_server
 from tests.test_daemon_e2e import GROUP, STREAM, interaction
@@ -52,6 +53,8 @@ def test_wrong_or_missing_redis_password_stops_the_daemon_with_one_clear_sentenc
         line = failed_start(daemon_factory(settings_env(tmp_path / "home", tiny_model, url)))
         assert line.startswith("cascade: ") and "refused the credentials in CASCADE_REDIS_URL" in line, line
         assert "wrong-password" not in line  # the password is never echoed
+        if auth:
+            assert f"redis://***@127.0.0.1:{server.port}/0" in line
         assert server.client().xlen(STREAM) == 0
 
 
@@ -83,3 +86,11 @@ def test_a_tls_redis_whose_certificate_is_not_trusted_stops_the_daemon(tmp_path,
         assert line.startswith("cascade: cannot reach Redis") and "CERTIFICATE_VERIFY_FAILED" in line, line
     finally:
         server.stop()
+
+
+def test_a_bad_redis_url_is_reported_without_its_password(monkeypatch):
+    monkeypatch.setenv("CASCADE_REDIS_URL", f"http://:{PASSWORD}@127.0.0.1:6379/0")
+    with pytest.raises(SettingsError) as e:
+        load_settings()
+    assert "CASCADE_REDIS_URL" in str(e.value) and "http://***@127.0.0.1:6379/0" in str(e.value)
+    assert PASSWORD not in str(e.value)
