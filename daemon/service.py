@@ -120,7 +120,10 @@ class Daemon:
         if self.s.ray_address:
             ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
         else:
-            ctx = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20,
+            # address="local": always a Ray of the daemon's own, never a `ray start` cluster that happens
+            # to run on this machine (or RAY_ADDRESS) with other code and other credentials.
+            ctx = ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                           object_store_memory=256 << 20,
                            _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
                            configure_logging=False)
             self._ray_started = True

@@ -49,10 +49,11 @@ def probe(gcs: str, home: Path, **ray_env: str) -> str:
 def test_local_ray_refuses_clients_without_the_token_and_its_actors_still_learn(tmp_path, tiny_model, daemon_factory):
     with RedisServer(tmp_path / "redis") as server:
         home = tmp_path / "home"
-        d = daemon_factory(daemon_env(home, tiny_model, server.url))
+        # A stray RAY_ADDRESS (like a `ray start` cluster on the machine) is not joined: the daemon starts its own.
+        d = daemon_factory(daemon_env(home, tiny_model, server.url, RAY_ADDRESS="127.0.0.1:1"))
         d.wait_healthy()
         gcs = gcs_address(d)
-        assert gcs.startswith("127.0.0.1:")
+        assert gcs.startswith("127.0.0.1:") and gcs != "127.0.0.1:1"
         no_token = probe(gcs, tmp_path, RAY_AUTH_MODE="disabled")
         assert no_token.startswith("REFUSED AuthenticationError") and "InvalidAuthToken" in no_token, no_token
         wrong = probe(gcs, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
