@@ -221,7 +221,12 @@ def load_settings(config_file: str | Path | None = None, **overrides) -> Setting
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "no such setting"
-        raise SettingsError(f"invalid setting {where}: {msg} (got {err.get('input')!r})") from None
+        got = err.get("input")
+        if name == "redis_url" and isinstance(got, str):
+            from daemon.stream import redact_url
+
+            got = redact_url(got)  # never echo a password
+        raise SettingsError(f"invalid setting {where}: {msg} (got {got!r})") from None
     except (ValueError, OSError) as e:  # e.g. a TOML syntax error
         raise SettingsError(f"invalid config file {path}: {e}") from None
     finally:

@@ -27,8 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-LINEAGE_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-GEN_RE = re.compile(r"^gen-(\d{4,})$")
+# \A...\Z, not ^...$: "$" also matches before a trailing newline, so "main\n" would pass.
+LINEAGE_RE = re.compile(r"\A[a-z0-9][a-z0-9_-]{0,63}\Z")
+GEN_RE = re.compile(r"\Agen-([0-9]{4,})\Z")
 
 
 class RegistryError(RuntimeError):

@@ -5,14 +5,20 @@ into a :class:`Rejection` with a short ``reason`` code and a one-sentence ``deta
 raises on bad input.
 
 Reason codes: ``oversized``, ``not_utf8``, ``missing_field``, ``unknown_field``, ``empty_response``,
-``bad_text``, ``bad_lineage``, ``bad_reward``, ``bad_id``, ``bad_meta``.
+``bad_text``, ``bad_lineage``, ``bad_reward``, ``bad_id``, ``bad_meta`` (:data:`REASONS`).
+
+Text may hold any Unicode character but NUL (tabs, newlines, escape sequences are kept verbatim:
+the text is only ever tokenized). A reward is a plain ASCII decimal number, so ``float``'s other
+spellings (``1_0``, non-ASCII digits, ``nan``) are refused; ``meta`` must be strict JSON (no
+``NaN``/``Infinity``).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import BaseModel, Field
 
@@ -23,6 +29,9 @@ KNOWN_FIELDS = {"prompt", "response", "lineage", "reward", "id", "meta"}
 MAX_META_BYTES = 4096
 MAX_META_DEPTH = 8
 MAX_ID_CHARS = 128
+REASONS = frozenset({"oversized", "not_utf8", "missing_field", "unknown_field", "empty_response", "bad_text",
+                     "bad_lineage", "bad_reward", "bad_id", "bad_meta"})
+REWARD_RE = re.compile(r"\A[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 
 
 class Interaction(BaseModel):
@@ -53,12 +62,18 @@ class Rejection:
     detail: str
 
 
-def _depth(x, d: int = 0) -> int:
-    if isinstance(x, dict):
-        return max([_depth(v, d + 1) for v in x.values()], default=d + 1)
-    if isinstance(x, list):
-        return max([_depth(v, d + 1) for v in x], default=d + 1)
-    return d
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether the JSON ``value`` nests objects/arrays more than ``limit`` levels deep.
+
+    Iterative, so a hostile ``meta`` nested hundreds of levels cannot exhaust the Python stack."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def _bad_text(s: str) -> str | None:
@@ -67,6 +82,10 @@ def _bad_text(s: str) -> str | None:
     if any(0xD800 <= ord(c) <= 0xDFFF for c in s):
         return "contains a lone surrogate"
     return None
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_entry(entry_id: str, fields: dict[bytes, bytes], max_entry_bytes: int) -> Interaction | Rejection:
@@ -102,10 +121,9 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], max_entry_bytes: int)
 
     reward = 1.0
     if "reward" in text:
-        try:
-            reward = float(text["reward"])
-        except ValueError:
-            return reject("bad_reward", f"reward {text['reward'][:40]!r} is not a number")
+        if not REWARD_RE.match(text["reward"]):
+            return reject("bad_reward", f"reward {text['reward'][:40]!r} is not a decimal number")
+        reward = float(text["reward"])
         if not math.isfinite(reward) or not -1.0 <= reward <= 1.0:
             return reject("bad_reward", f"reward {reward} is outside [-1, 1]")
 
@@ -119,12 +137,12 @@ def parse_entry(entry_id: str, fields: dict[bytes, bytes], max_entry_bytes: int)
         if len(raw.encode()) > MAX_META_BYTES:
             return reject("bad_meta", f"meta is over {MAX_META_BYTES} bytes")
         try:
-            meta = json.loads(raw)
+            meta = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, RecursionError):
             return reject("bad_meta", "meta is not valid JSON")
         if not isinstance(meta, dict):
             return reject("bad_meta", "meta must be a JSON object")
-        if _depth(meta) > MAX_META_DEPTH:
+        if _deeper_than(meta, MAX_META_DEPTH):
             return reject("bad_meta", f"meta is nested deeper than {MAX_META_DEPTH} levels")
 
     return Interaction(entry_id=entry_id, id=ident, prompt=text["prompt"], response=text["response"],

@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -24,9 +25,9 @@ from daemon.config import Settings
 from daemon.embedded_redis import EmbeddedRedis
 from daemon.foundation import ensure_foundation
 from daemon.metrics import Metrics, MetricsServer
-from daemon.registry import GEN_RE, Registry, check_lineage
+from daemon.registry import GEN_RE, LINEAGE_RE, Registry, check_lineage
 from daemon.schema import Interaction
-from daemon.stream import connect
+from daemon.stream import connect, redact_url
 
 log = logging.getLogger("cascade.daemon")
 MAX_LEARN_ATTEMPTS = 3
@@ -88,7 +89,11 @@ class Daemon:
             self.redis_url = self.embedded.url
             log.info("embedded Redis on %s", self.embedded.socket)
         self.redis = connect(self.redis_url)
-        self.redis.ping()
+        try:
+            self.redis.ping()
+        except redis.AuthenticationError as e:
+            raise redis.AuthenticationError(f"Redis at {redact_url(self.redis_url)} refused the credentials in "
+                                            f"CASCADE_REDIS_URL ({e})") from None
         self.redis_ok = True
         ensure_foundation(self.registry.lineage("main"), s.base_model)
         self._start_ray()
@@ -103,6 +108,9 @@ class Daemon:
         return self
 
     def _start_ray(self) -> None:
+        if not self.s.ray_address:
+            # Ray reads its settings when it is first imported, so they are set before `import ray`.
+            self._secure_local_ray_env()
         import ray
 
         runtime_env = {"worker_process_setup_hook": "daemon.actors.setup_worker",
@@ -112,13 +120,29 @@ class Daemon:
         if self.s.ray_address:
             ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
         else:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20,
-                     _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
-                     configure_logging=False)
+            # address="local": always a Ray of the daemon's own, never a `ray start` cluster that happens
+            # to run on this machine (or RAY_ADDRESS) with other code and other credentials.
+            ctx = ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                           object_store_memory=256 << 20,
+                           _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
+                           configure_logging=False)
             self._ray_started = True
+            gcs = ctx.address_info["gcs_address"]
+            if os.environ["RAY_AUTH_MODE"] == "token":
+                log.info("local Ray started on %s with token authentication (RAY_AUTH_MODE=token)", gcs)
+            else:
+                log.warning("local Ray started on %s without token authentication (RAY_AUTH_MODE=%s)", gcs,
+                            os.environ["RAY_AUTH_MODE"])
+
+    @staticmethod
+    def _secure_local_ray_env() -> None:
+        """Loopback listeners and token authentication with a fresh random token for the daemon's own
+        Ray, unless the operator chose otherwise with ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN(_PATH)``."""
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        if os.environ["RAY_AUTH_MODE"] == "token" and not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ)):
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
     def _learner(self, lineage: str):
         if lineage in self.learners:
@@ -277,7 +301,7 @@ class Daemon:
             self.paused = False
         elif name == "reduce":
             lineage = cmd.get("lineage", "main")
-            if lineage in self.learners or self.registry.lineage(lineage).exists():
+            if LINEAGE_RE.match(lineage) and (lineage in self.learners or self.registry.lineage(lineage).exists()):
                 self._learner(lineage)
                 self.reduce_requests[lineage] = "command"
             else:

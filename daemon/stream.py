@@ -21,6 +21,15 @@ def connect(url: str, **kw) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, **kw)
 
 
+def redact_url(url: str) -> str:
+    """``url`` with everything before its last ``@`` (user and password) replaced by ``***``, for
+    logs and error messages; safe for malformed URLs too (e.g. a password with an unescaped ``/``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
 def _sid(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 

@@ -14,6 +14,7 @@ import redis
 
 from tests.tiny import build_tiny_llama, save_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 REDIS_HOST = os.environ.get("CASCADE_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CASCADE_TEST_REDIS_PORT", "6379"))
 _db = itertools.count(1)
@@ -53,6 +54,9 @@ def free_port() -> int:
 def settings_env(home: Path, base: Path, redis_url: str, **extra) -> dict[str, str]:
     """Environment for a daemon/CLI subprocess on the tiny model, tuned so tests run in seconds."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    # The checkout under test first on the path, for the daemon and for its Ray workers too (they
+    # would otherwise import the package from wherever it is installed editable).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.update({
         "CASCADE_HOME": str(home), "CASCADE_BASE_MODEL": str(base), "CASCADE_REDIS_URL": redis_url,
         "CASCADE_METRICS_PORT": str(free_port()), "CASCADE_MAX_SEQ_LEN": "48", "CASCADE_BATCH_SIZE": "8",
