@@ -207,10 +207,10 @@ class Daemon:
             refs = [r for r in (poll_ref, info_ref) if r is not None] + list(self.jobs)
             ready, _ = ray.wait(refs, num_returns=1, timeout=0.5) if refs else ([], [])
             for ref in ready:
-                if ref is poll_ref:
+                if ref == poll_ref:  # equality, not identity: Ray Client returns new ref objects from wait()
                     poll_ref = None
                     drained = self._on_poll(ref)
-                elif ref is info_ref:
+                elif ref == info_ref:
                     info_ref = None
                     self._on_info(ref)
                 else:

@@ -7,7 +7,7 @@ while ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the setting that keeps Ray on 127
 it rewrites 127.0.0.1 into the machine's external address.
 
 Protocol: one JSON line on stdout per command read from stdin.
-  start (no command)  {"address": GCS address, "worker": worker node id}
+  start (no command)  {"address": GCS address, "client_address": "ray://..." (Ray Client), "worker": node id}
   remove-worker       {"removed": node id}      the worker node's processes are killed, as by `ray stop` there
   add-worker          {"worker": node id}       a fresh worker node joins
   actors              {"actors": [{"class", "name", "state", "node"}], "nodes": {node id: alive}}
@@ -23,6 +23,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import json  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -33,10 +34,18 @@ from ray.cluster_utils import Cluster  # noqa: E402
 NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 128 << 20}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    client_port = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
-        **NODE, "num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False, "temp_dir": temp_dir})
+        **NODE, "num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False, "temp_dir": temp_dir,
+        "ray_client_server_port": client_port})
     worker = cluster.add_node(**NODE, num_cpus=2, resources={"worker_node": 1})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR")
@@ -44,7 +53,7 @@ def main() -> None:
     def reply(doc: dict) -> None:
         print(json.dumps(doc), flush=True)
 
-    reply({"address": cluster.address, "worker": worker.node_id})
+    reply({"address": cluster.address, "client_address": f"ray://127.0.0.1:{client_port}", "worker": worker.node_id})
     try:
         for line in sys.stdin:
             command = line.strip()

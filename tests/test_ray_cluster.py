@@ -28,6 +28,7 @@ class RayCluster:
                                      start_new_session=True)
         started = self._reply()
         self.address: str = started["address"]
+        self.client_address: str = started["client_address"]
         self.worker: str = started["worker"]
 
     def _reply(self) -> dict:
@@ -113,4 +114,21 @@ def test_learner_runs_on_the_worker_node_and_the_daemon_survives_losing_it(tmp_p
     heldout = sum(len(v) for v in json.loads((live.parent / "heldout.json").read_text()).values())
     # Nothing was dead-lettered while the learner was away: every interaction was learned or held out.
     assert state["interactions_learned"] + heldout == 48 and r.xlen(f"{STREAM}:dead") == 0
+    assert d.terminate() == 0
+
+
+def test_daemon_drives_the_cluster_through_ray_client(tmp_path, tiny_model, redis_url, daemon_factory, ray_cluster):
+    """As deploy/kuberay/cascade.yaml runs it: the daemon outside the cluster, CASCADE_RAY_ADDRESS=ray://..."""
+    env = settings_env(tmp_path / "home", tiny_model, redis_url, ray_address=ray_cluster.client_address,
+                       learner_cpus=2)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    d = daemon_factory(env)
+    d.wait_healthy()
+    r = redis.Redis.from_url(redis_url)
+    publish(r, range(16))
+    wait_drained(r, STREAM, GROUP, proc=d)
+    actors, _ = ray_cluster.actors()
+    assert actors["LearnerActor"]["node"] == ray_cluster.worker and actors["LearnerActor"]["state"] == "ALIVE"
+    state = json.loads((tmp_path / "home/registry/main/live/state.json").read_text())
+    assert state["interactions_learned"] > 0 and state["update_steps"] > 0
     assert d.terminate() == 0
