@@ -139,8 +139,8 @@ def test_status_watch_clears_a_terminal_and_checks_its_arguments(tmp_path, tiny_
     env = settings_env(home, tiny_model, redis_url)
     ensure_foundation(Registry(home / "registry").lineage("main"), tiny_model)
     primary, secondary = pty.openpty()
-    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--watch", "--interval", "0.1", "--count", "2"],
-                          env=env, stdout=secondary, stderr=subprocess.PIPE, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--watch", "--interval", "0.1",
+                           "--count", "2"], env=env, stdout=secondary, stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(secondary)
     screen = b""
     while chunk := read_pty(primary):

@@ -289,7 +289,8 @@ def test_kuberay_daemon_drives_the_cluster_and_is_scraped(kuberay):
 
     # Metrics: container port = CASCADE_METRICS_PORT, reached by the Service, selected by the ServiceMonitor.
     (port,) = daemon["ports"]
-    assert port["containerPort"] == int(env["CASCADE_METRICS_PORT"]) == int(pod["metadata"]["annotations"]["prometheus.io/port"])
+    annotations = pod["metadata"]["annotations"]
+    assert port["containerPort"] == int(env["CASCADE_METRICS_PORT"]) == int(annotations["prometheus.io/port"])
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert daemon[probe]["httpGet"] == {"path": "/healthz", "port": port["name"]}
     service = kuberay["Service"]
