@@ -49,7 +49,10 @@ def interaction_fields(it: Interaction) -> dict[str, str]:
     return out
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
+# Restarted by Ray when its node dies (it declares no CPU, so on a cluster it may sit on any worker): its
+# state is the Redis connection and the ids handed to the driver; entries re-read after a restart are
+# still pending under the same consumer and end up as duplicates at worst.
+@ray.remote(num_cpus=0, max_concurrency=4, max_restarts=-1)
 class IngestActor:
     def __init__(self, settings: Settings, redis_url: str, consumer: str) -> None:
         self.s = settings

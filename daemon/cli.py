@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from daemon.config import Settings, SettingsError, load_settings
@@ -179,29 +181,80 @@ def cmd_publish(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_status(args, settings: Settings) -> int:
+def status_doc(settings: Settings, registry: Registry, r) -> dict:
+    """What ``cascade status`` shows: the consumer group's progress and every lineage's state on disk."""
     from daemon.stream import group_info
 
+    info = group_info(r, settings.stream, settings.group)
+    return {"stream": settings.stream, "group": settings.group, "length": info.length, "lag": info.lag,
+            "pending": info.pending, "dead_letters": r.xlen(settings.dead_stream),
+            "daemon_running": daemon_running(settings), "lineages": lineage_rows(registry)}
+
+
+def status_lines(doc: dict) -> list[str]:
+    lines = [f"stream {doc['stream']} (group {doc['group']}): length {doc['length']}  lag {doc['lag']}  "
+             f"pending {doc['pending']}  dead letters {doc['dead_letters']}  "
+             f"daemon {'running' if doc['daemon_running'] else 'stopped'}",
+             f"{'lineage':<16}{'generation':<12}{'parameters':>14}{'steps':>9}{'learned':>10}  held-out loss"]
+    for r in doc["lineages"]:
+        ho = " ".join(f"{k}={v:.3f}" for k, v in r["heldout_loss"].items()) or "-"
+        lines.append(f"{r['lineage']:<16}{r['generation']:<12}{r['n_params']:>14,}{r['update_steps']:>9}"
+                     f"{r['interactions_learned']:>10}  {ho}")
+    return lines
+
+
+def watch_status(settings: Settings, registry: Registry, r, interval: float, count: int | None,
+                 as_json: bool) -> None:
+    """Refresh the status every ``interval`` seconds, ``count`` times (until Ctrl-C when None).
+
+    On a terminal each refresh replaces the screen; otherwise refreshes follow one another (with
+    ``as_json``, one JSON document per line), so the output can be piped or logged. Redis being
+    unreachable is shown as that refresh's content; the view keeps refreshing.
+    """
+    import redis
+
+    clear = sys.stdout.isatty() and not as_json
+    previous: dict[str, int] = {}
+    for refresh in itertools.count(1):
+        try:
+            doc = status_doc(settings, registry, r)
+        except redis.RedisError as e:
+            doc = {"error": f"cannot reach Redis: {e}"}
+        if as_json:
+            print(json.dumps({"time": round(time.time(), 3), **doc}), flush=True)
+        else:
+            if "error" in doc:
+                lines = [doc["error"]]
+            else:
+                learned = {row["lineage"]: row["interactions_learned"] for row in doc["lineages"]}
+                gained = ", ".join(f"{k} +{v - previous[k]}" for k, v in learned.items() if k in previous)
+                previous = learned
+                lines = [*status_lines(doc), f"learned since the last refresh: {gained or '-'}"]
+            head = f"cascade status  {time.strftime('%H:%M:%S')}  refresh {refresh}, every {interval:g}s"
+            sys.stdout.write(("\x1b[H\x1b[2J" if clear else "\n" if refresh > 1 else "")
+                             + "\n".join([head, *lines]) + "\n")
+            sys.stdout.flush()
+        if refresh == count:
+            return
+        time.sleep(interval)
+
+
+def cmd_status(args, settings: Settings) -> int:
+    if not args.watch and (args.interval is not None or args.count is not None):
+        raise CliError("--interval and --count only apply with --watch")
     registry = Registry(settings.registry_root)
     h = RedisHandle(settings)
     try:
-        info = group_info(h.r, settings.stream, settings.group)
-        dead = h.r.xlen(settings.dead_stream)
+        if args.watch:
+            try:
+                watch_status(settings, registry, h.r, args.interval or 2.0, args.count, args.json)
+            except KeyboardInterrupt:  # the usual way to leave a live view
+                pass
+            return 0
+        doc = status_doc(settings, registry, h.r)
     finally:
         h.close()
-    doc = {"stream": settings.stream, "group": settings.group, "length": info.length, "lag": info.lag,
-           "pending": info.pending, "dead_letters": dead, "daemon_running": daemon_running(settings),
-           "lineages": lineage_rows(registry)}
-    if args.json:
-        print(json.dumps(doc, indent=1))
-        return 0
-    print(f"stream {doc['stream']} (group {doc['group']}): length {info.length}  lag {info.lag}  "
-          f"pending {info.pending}  dead letters {dead}  daemon {'running' if doc['daemon_running'] else 'stopped'}")
-    print(f"{'lineage':<16}{'generation':<12}{'parameters':>14}{'steps':>9}{'learned':>10}  held-out loss")
-    for r in doc["lineages"]:
-        ho = " ".join(f"{k}={v:.3f}" for k, v in r["heldout_loss"].items()) or "-"
-        print(f"{r['lineage']:<16}{r['generation']:<12}{r['n_params']:>14,}{r['update_steps']:>9}"
-              f"{r['interactions_learned']:>10}  {ho}")
+    print(json.dumps(doc, indent=1) if args.json else "\n".join(status_lines(doc)))
     return 0
 
 
@@ -356,6 +409,20 @@ def cmd_demo(args, settings: Settings) -> int:
 
 
 # -- entry point --------------------------------------------------------------------------------------
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {text!r})")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {text!r})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cascade", description="Continual learning daemon for language models.")
     p.add_argument("--config", help="TOML settings file (also CASCADE_CONFIG)")
@@ -370,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_publish)
     s = sub.add_parser("status", help="stream lag/pending and per-lineage state")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", action="store_true", help="refresh until Ctrl-C (or --count refreshes)")
+    s.add_argument("--interval", type=positive_float, metavar="S", help="seconds between refreshes (default 2)")
+    s.add_argument("--count", type=positive_int, metavar="N", help="stop after N refreshes")
     s.set_defaults(fn=cmd_status)
     s = sub.add_parser("generations", help="the lineage tree")
     s.add_argument("--lineage")

@@ -49,7 +49,7 @@ class Job:
     lineage: str
     kind: str  # "learn" or "reduce"
     started: float
-    payload: object = None
+    payload: object = None  # learn: the window's interactions; reduce: its trigger
 
 
 class Daemon:
@@ -231,10 +231,10 @@ class Daemon:
             refs = [r for r in (poll_ref, info_ref) if r is not None] + list(self.jobs)
             ready, _ = ray.wait(refs, num_returns=1, timeout=0.5) if refs else ([], [])
             for ref in ready:
-                if ref is poll_ref:
+                if ref == poll_ref:  # equality, not identity: Ray Client returns new ref objects from wait()
                     poll_ref = None
                     drained = self._on_poll(ref)
-                elif ref is info_ref:
+                elif ref == info_ref:
                     info_ref = None
                     self._on_info(ref)
                 else:
@@ -329,7 +329,7 @@ class Daemon:
                 return  # learners sharing the node's cores take turns
             if lineage in self.reduce_requests:
                 trigger = self.reduce_requests.pop(lineage)
-                self.jobs[actor.reduce.remote(trigger)] = Job(lineage, "reduce", time.monotonic())
+                self.jobs[actor.reduce.remote(trigger)] = Job(lineage, "reduce", time.monotonic(), trigger)
                 busy.add(lineage)
                 self.last_dispatch[lineage] = time.monotonic()
                 continue
@@ -349,6 +349,16 @@ class Daemon:
         job = self.jobs.pop(ref)
         try:
             rep = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError as e:
+            # Ray is restarting the learner (e.g. its node went away) and refused the call: no fault of
+            # the window's, so it waits for the learner without counting an attempt.
+            log.warning("lineage %s: learner unavailable, %s put back: %s", job.lineage, job.kind, e)
+            if job.kind == "learn":
+                self.buffers[job.lineage].extendleft(reversed(job.payload))
+            else:
+                self.reduce_requests.setdefault(job.lineage, job.payload)
+            time.sleep(1.0)
+            return
         except Exception as e:  # noqa: BLE001
             # The learner died (Ray restarts it from its checkpoint) or raised: nothing of this
             # window was acknowledged, so it is dispatched again, up to MAX_LEARN_ATTEMPTS times.

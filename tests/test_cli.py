@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import signal
 import subprocess
 import sys
+import time
 
 import redis
 
@@ -86,3 +90,77 @@ def test_status_generations_eval_and_fork_offline(tmp_path, tiny_model, redis_ur
                          (("reduce", "--lineage", "ghost"), "does not exist")]:
         out = cascade(env, *args)
         assert out.returncode == 1 and needle in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_status_watch_follows_a_running_daemon_live(tmp_path, tiny_model, redis_url, daemon_factory):
+    home = tmp_path / "home"
+    env = settings_env(home, tiny_model, redis_url)
+    d = daemon_factory(env)
+    d.wait_healthy()
+    watch = subprocess.Popen([sys.executable, "-m", "daemon.cli", "status", "--watch", "--json", "--interval", "0.5"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(watch.stdout.readline())
+        assert first["daemon_running"] is True and first["lineages"][0]["interactions_learned"] == 0
+        r = redis.Redis.from_url(redis_url)
+        for i in range(16):
+            r.xadd("cascade:interactions", {"prompt": f"Item {i} is", "response": f" number {i % 3}."})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            doc = json.loads(watch.stdout.readline())  # one document per refresh
+            (main,) = doc["lineages"]
+            if doc["lag"] == 0 and doc["pending"] == 0 and main["interactions_learned"] > 0:
+                break
+        else:
+            raise AssertionError(f"status --watch never showed the entries learned: {doc}\n{d.log.read_text()[-3000:]}")
+        state = json.loads((home / "registry/main/live/state.json").read_text())
+        assert main["update_steps"] == state["update_steps"] > 0 and main["generation"] == "gen-0000"
+    finally:
+        watch.send_signal(signal.SIGINT)  # Ctrl-C is the usual way out of a live view
+        assert watch.wait(timeout=30) == 0, watch.stderr.read()
+
+    out = cascade(env, "status", "--watch", "--interval", "0.2", "--count", "3")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b[" not in out.stdout  # not a terminal: refreshes follow one another, no screen clearing
+    refreshes = out.stdout.split("\n\n")
+    assert len(refreshes) == 3
+    for n, text in enumerate(refreshes, 1):
+        lines = text.splitlines()
+        assert f"refresh {n}, every 0.2s" in lines[0] and "lag 0  pending 0" in lines[1]
+        assert "daemon running" in lines[1]
+        lineage, generation, _params, steps, learned = lines[3].split()[:5]
+        assert (lineage, generation) == ("main", "gen-0000")
+        assert (int(steps), int(learned)) == (state["update_steps"], state["interactions_learned"])
+    assert refreshes[1].splitlines()[-1] == "learned since the last refresh: main +0"
+
+
+def test_status_watch_clears_a_terminal_and_checks_its_arguments(tmp_path, tiny_model, redis_url):
+    home = tmp_path / "home"
+    env = settings_env(home, tiny_model, redis_url)
+    ensure_foundation(Registry(home / "registry").lineage("main"), tiny_model)
+    primary, secondary = pty.openpty()
+    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "status", "--watch", "--interval", "0.1",
+                           "--count", "2"], env=env, stdout=secondary, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(secondary)
+    screen = b""
+    while chunk := read_pty(primary):
+        screen += chunk
+    os.close(primary)
+    assert proc.returncode == 0, proc.stderr
+    frames = screen.decode().split("\x1b[H\x1b[2J")  # each refresh clears the screen first
+    assert frames[0] == "" and len(frames) == 3
+    assert all("daemon stopped" in f and "main" in f and "gen-0000" in f for f in frames[1:])
+
+    out = cascade(env, "status", "--count", "2")
+    assert out.returncode == 1 and out.stderr == "cascade: --interval and --count only apply with --watch\n"
+    for bad in (("--interval", "0"), ("--interval", "nan"), ("--count", "0")):
+        out = cascade(env, "status", "--watch", *bad)
+        assert out.returncode == 2 and bad[0] in out.stderr, out.stderr
+
+
+def read_pty(fd: int) -> bytes:
+    """What the process wrote to the terminal; b"" once it is gone (Linux reports EIO then)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
