@@ -87,14 +87,19 @@ def publish(r: redis.Redis, numbers: range) -> None:
         r.xadd(STREAM, {"prompt": f"Item {i} is", "response": f" number {i % 3}."})
 
 
-def test_learner_runs_on_the_worker_node_and_the_daemon_survives_losing_it(tmp_path, tiny_model, redis_url,
-                                                                         daemon_factory, ray_cluster):
-    # Learners declare 2 CPUs: only the worker node has them (the head has 1), as on KubeRay's head.
-    env = settings_env(tmp_path / "home", tiny_model, redis_url, ray_address=ray_cluster.address, learner_cpus=2)
+def start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, ray_address: str):
+    """A daemon joining the cluster; learners declare 2 CPUs, which only the worker node has (the head
+    has 1), as on KubeRay's head."""
+    env = settings_env(tmp_path / "home", tiny_model, redis_url, ray_address=ray_address, learner_cpus=2)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     d = daemon_factory(env)
     d.wait_healthy()
-    r = redis.Redis.from_url(redis_url)
+    return d, redis.Redis.from_url(redis_url)
+
+
+def test_learner_runs_on_the_worker_node_and_the_daemon_survives_losing_it(tmp_path, tiny_model, redis_url,
+                                                                         daemon_factory, ray_cluster):
+    d, r = start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, ray_cluster.address)
     publish(r, range(24))
     wait_drained(r, STREAM, GROUP, proc=d)
     actors, nodes = ray_cluster.actors()
@@ -128,12 +133,7 @@ def test_learner_runs_on_the_worker_node_and_the_daemon_survives_losing_it(tmp_p
 
 def test_daemon_drives_the_cluster_through_ray_client(tmp_path, tiny_model, redis_url, daemon_factory, ray_cluster):
     """As deploy/kuberay/cascade.yaml runs it: the daemon outside the cluster, CASCADE_RAY_ADDRESS=ray://..."""
-    env = settings_env(tmp_path / "home", tiny_model, redis_url, ray_address=ray_cluster.client_address,
-                       learner_cpus=2)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    d = daemon_factory(env)
-    d.wait_healthy()
-    r = redis.Redis.from_url(redis_url)
+    d, r = start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, ray_cluster.client_address)
     publish(r, range(16))
     wait_drained(r, STREAM, GROUP, proc=d)
     actors, _ = ray_cluster.actors()
