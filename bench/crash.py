@@ -1,8 +1,9 @@
 """Crash anywhere: ``kill -9`` of the daemon and everything it started, at random moments, then restart.
 
 Each cycle starts ``cascade run`` (a tiny Llama, a real Redis), publishes interactions with ids (some
-of them re-sent), sometimes asks for a reduction, waits a random time and kills the daemon's whole
-process group with SIGKILL (the daemon, its local Ray and the actors: a machine losing power, as far
+of them re-sent), in a third of the cycles SIGKILLs the learner actor's process alone and waits for
+learning to resume (Ray restarts it from its checkpoint), in another third asks for a reduction,
+waits a random time and kills the daemon's whole process group with SIGKILL (the daemon, its local Ray and the actors: a machine losing power, as far
 as one process tree can). The phase it was in is read from the last line of its log. After the last
 kill a daemon is started once more and left to drain the stream. Then, for every id ever published:
 
@@ -61,6 +62,12 @@ def _phase(log: Path) -> str:
     return "ingest/learning"
 
 
+def _learner_pids(session: int) -> list[int]:
+    """The learner actors' worker processes among the daemon's (Ray names them ``ray::LearnerActor``)."""
+    out = subprocess.run(["pgrep", "-s", str(session), "-f", "ray::LearnerActor"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
 def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0, per_cycle: int = 24) -> dict:
     import redis
 
@@ -77,6 +84,7 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
     published: list[str] = []
     phases: Counter = Counter()
     unfinished: list[int] = []
+    learner_kills = 0
 
     def start(n: int):
         env["CASCADE_METRICS_PORT"] = str(_free_port())
@@ -117,6 +125,14 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
         publish(per_cycle)
         waiting = backlog()
         wait_until(lambda: backlog() < waiting, "the first acknowledgement of this cycle")  # learning is on
+        if k % 3 == 1:  # a learner actor dies alone first: Ray restarts it from its checkpoint
+            learner = _learner_pids(proc.pid)
+            if learner:
+                time.sleep(rng.uniform(0.0, 2.0))
+                os.kill(learner[0], signal.SIGKILL)
+                learner_kills += 1
+                waiting = backlog()
+                wait_until(lambda: backlog() < waiting, "learning to resume after the learner's death")
         if k % 3 == 2:  # a third of the cycles die during a reduction
             r.xadd("cascade:control", {"command": "reduce", "lineage": "main"})
             wait_until(lambda: "reducing" in log.read_text(errors="replace"), "the reduction to start")
@@ -149,7 +165,7 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
     ids = set(published)
     lost = sorted(ids - ledger - dead)
     learned_or_held = state["interactions_learned"] + heldout
-    return {"kills": kills, "kill_phases": dict(phases), "unfinished_entries_at_each_kill": unfinished,
+    return {"kills": kills, "learner_actor_kills": learner_kills, "kill_phases": dict(phases), "unfinished_entries_at_each_kill": unfinished,
             "published_ids": len(ids),
             "learned": state["interactions_learned"], "held_out": heldout, "dead_lettered": len(ids & dead),
             "lost": len(lost), "lost_ids": lost[:20], "duplicated": learned_or_held - len(ledger & ids),

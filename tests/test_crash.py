@@ -14,6 +14,7 @@ def test_kill_9_at_random_moments_loses_nothing_and_learns_nothing_twice(tmp_pat
     res = run(tiny_model, tmp_path / "home", redis_url, kills=4, seed=1)
     assert res["published_ids"] == 4 * 24
     assert max(res["unfinished_entries_at_each_kill"]) > 0, "every kill came after the work was done"
+    assert res["learner_actor_kills"] >= 1
     assert res["lost"] == 0, res["lost_ids"]
     assert res["duplicated"] == 0
     assert res["learned"] + res["held_out"] + res["dead_lettered"] == res["published_ids"]
