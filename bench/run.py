@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import sys
 
-from bench import continual, reduction
+from bench import continual, crash, reduction
 
 
 def main(argv: list[str]) -> int:
     quick = ["--quick"] if "--quick" in argv else []
-    return continual.main(quick) or reduction.main(quick)
+    return continual.main(quick) or reduction.main(quick) or crash.main(["--kills", "3"] if quick else [])
 
 
 if __name__ == "__main__":
