@@ -12,8 +12,8 @@ kill a daemon is started once more and left to drain the stream. Then, for every
   distinct ids the ledger holds);
 * the registry loads (``CURRENT`` names a generation that ``from_pretrained`` loads, ``live/`` loads).
 
-Usage: ``python -m bench.crash [--kills 20] [--redis-url redis://127.0.0.1:6379/15]``; writes
-bench/results/crash.json. ``tests/test_crash.py`` runs a few cycles of the same in ``make test``.
+Usage: ``python -m bench.crash [--kills 20 | --quick] [--redis-url redis://127.0.0.1:6379/15]``; writes
+bench/results/crash.json (crash-quick.json with ``--quick``). ``tests/test_crash.py`` runs a few cycles of the same in ``make test``.
 """
 from __future__ import annotations
 
@@ -186,6 +186,7 @@ def _loads(lineage: Path) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 kills, written to crash-quick.json")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -196,9 +197,9 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cascade-crash-"))
     base = build_tiny_llama(work / "tiny", save_tokenizer(work / "tok"))
     t0 = time.monotonic()
-    res = run(base, work / "home", args.redis_url, args.kills, args.seed)
+    res = run(base, work / "home", args.redis_url, 3 if args.quick else args.kills, args.seed)
     res["seconds"] = time.monotonic() - t0
-    write_json("crash.json", res)
+    write_json("crash-quick.json" if args.quick else "crash.json", res)
     print(json.dumps(res, indent=1))
     return 0 if res["lost"] == 0 and res["duplicated"] == 0 else 1
 

@@ -8,7 +8,7 @@ from bench import continual, crash, reduction
 
 def main(argv: list[str]) -> int:
     quick = ["--quick"] if "--quick" in argv else []
-    return continual.main(quick) or reduction.main(quick) or crash.main(["--kills", "3"] if quick else [])
+    return continual.main(quick) or reduction.main(quick) or crash.main(quick)
 
 
 if __name__ == "__main__":
