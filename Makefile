@@ -28,7 +28,7 @@ services:
 test: install services
 	$(PY) -m pytest -x -q tests
 
-bench: install
+bench: install services
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
