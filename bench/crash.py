@@ -98,16 +98,25 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
             time.sleep(0.3)
         return proc, log
 
-    def publish(count: int) -> None:
+    def publish(count: int) -> int:
+        """Adds ``count`` new interactions and re-sends up to 3 earlier ids; returns the entries added."""
         pipe = r.pipeline()
         for _ in range(count):
             i = len(published)
             published.append(f"item-{i}")
             pipe.xadd(STREAM, {"prompt": f"Item {i} has colour", "response": f" {['red', 'blue'][i % 2]}, {i % 7} kg.",
                                "id": f"item-{i}"})
-        for old in rng.sample(published, min(3, len(published))):  # producers re-send a few
+        resent = rng.sample(published, min(3, len(published)))  # producers re-send a few
+        for old in resent:
             pipe.xadd(STREAM, {"prompt": "again", "response": " again", "id": old})
         pipe.execute()
+        return count + len(resent)
+
+    def publish_and_wait_for_learning(count: int, what: str) -> None:
+        """Publish, then wait until some of what was just published is acknowledged (learning is on)."""
+        before = backlog()
+        added = publish(count)
+        wait_until(lambda: backlog() < before + added, what, timeout=300)
 
     def backlog() -> int:
         info = group_info(r, STREAM, GROUP)
@@ -122,17 +131,15 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
 
     for k in range(kills):
         proc, log = start(k)
-        publish(per_cycle)
-        waiting = backlog()
-        wait_until(lambda: backlog() < waiting, "the first acknowledgement of this cycle")  # learning is on
+        first = per_cycle // 2 if k % 3 == 1 else per_cycle
+        publish_and_wait_for_learning(first, "the first acknowledgement of this cycle")
         if k % 3 == 1:  # a learner actor dies alone first: Ray restarts it from its checkpoint
             learner = _learner_pids(proc.pid)
             if learner:
                 time.sleep(rng.uniform(0.0, 2.0))
                 os.kill(learner[0], signal.SIGKILL)
                 learner_kills += 1
-                waiting = backlog()
-                wait_until(lambda: backlog() < waiting, "learning to resume after the learner's death")
+            publish_and_wait_for_learning(per_cycle - first, "learning to resume after the learner's death")
         if k % 3 == 2:  # a third of the cycles die during a reduction
             r.xadd("cascade:control", {"command": "reduce", "lineage": "main"})
             wait_until(lambda: "reducing" in log.read_text(errors="replace"), "the reduction to start")
