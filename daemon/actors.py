@@ -66,7 +66,9 @@ class IngestActor:
 
     def poll(self, max_items: int) -> PollResult:
         res = PollResult()
-        for eid, fields in self.control.read(16, 1):
+        # Never blocks: Redis serves BLOCK timeouts on its 100 ms clock (hz 10), so even a 1 ms block
+        # on the idle control stream cost every poll 100 ms (bench/throughput.py, ingest).
+        for eid, fields in self.control.read(16, None):
             res.controls.append({k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
                                  for k, v in fields.items()})
             self.control.ack([eid])

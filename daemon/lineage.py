@@ -50,7 +50,8 @@ class LearnReport:
     duplicates: int = 0
     heldout_added: int = 0
     steps: int = 0
-    tokens: int = 0
+    tokens: int = 0  # tokens through the optimizer (new and replayed rows, kept or rolled back)
+    learned_tokens: int = 0  # tokens of the new interactions learned into the live adapter
     train_loss: float = float("nan")
     heldout: dict[str, float] = field(default_factory=dict)
     forgetting: float = 0.0
@@ -176,12 +177,13 @@ class LineageWorker:
                     self.best[d] = v if d in self._changed_domains else min(v, self.best.get(d, math.inf))
                 self._heldout_dirty = False
                 self._changed_domains.clear()
-            losses, n_replay = [], self.learner.config.replay_count()
+            losses, n_replay, new_tokens = [], self.learner.config.replay_count(), 0
             for part in chunks(train, self.new_per_step()):
                 r = self.learner.step(part, self.replay.sample(n_replay))
                 losses.append(r.task_loss)
                 rep.steps += 1
                 rep.tokens += r.tokens
+                new_tokens += r.new_tokens
             rep.train_loss = sum(losses) / len(losses)
             if self.s.gate:
                 after = self.heldout_losses()
@@ -203,6 +205,7 @@ class LineageWorker:
                 self.last_heldout = after or self.last_heldout
                 outcomes += [(ex.id, "learned") for ex in train]
                 rep.learned = len(train)
+                rep.learned_tokens = new_tokens
                 self.counters["interactions_learned"] += len(train)
                 self.counters["since_reduction"] += len(train)
             else:

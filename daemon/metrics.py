@@ -27,6 +27,10 @@ class Metrics:
                                 ["lineage"], registry=r)
         self.learned = Counter("cascade_interactions_learned", "Interactions learned into a checkpointed adapter",
                                ["lineage"], registry=r)
+        self.tokens_learned = Counter("cascade_tokens_learned", "Response tokens of the interactions learned",
+                                      ["lineage"], registry=r)
+        self.tokens_trained = Counter("cascade_tokens_trained", "Loss-carrying tokens through the optimizer "
+                                      "(replayed rows and rolled-back windows included)", ["lineage"], registry=r)
         self.rejected = Counter("cascade_interactions_rejected", "Entries dead-lettered, by reason code",
                                 ["reason"], registry=r)
         self.duplicate = Counter("cascade_interactions_duplicate", "Entries whose id was already handled",

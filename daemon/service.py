@@ -391,6 +391,8 @@ class Daemon:
         for eid in rep.ack:
             m.ingest_to_learn.observe(max(0.0, (now_ms - stream_ms(eid)) / 1000))
         m.learned.labels(lin).inc(rep.learned)
+        m.tokens_learned.labels(lin).inc(rep.learned_tokens)
+        m.tokens_trained.labels(lin).inc(rep.tokens)
         m.duplicate.labels(lin).inc(rep.duplicates)
         m.heldout_added.labels(lin).inc(rep.heldout_added)
         m.steps.labels(lin).inc(rep.steps)

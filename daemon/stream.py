@@ -65,10 +65,11 @@ class StreamConsumer:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    def read(self, count: int, block_ms: int, skip: set[str] = frozenset()) -> list[Entry]:
+    def read(self, count: int, block_ms: int | None, skip: set[str] = frozenset()) -> list[Entry]:
         """Up to ``count`` entries: first this consumer's own pending ones (after a restart), then
-        entries idle in other consumers' pending lists, then new ones (blocking up to ``block_ms``).
-        Entries whose ids are in ``skip`` (already in flight here) are not returned again."""
+        entries idle in other consumers' pending lists, then new ones (waiting up to ``block_ms`` for
+        them when there are none; ``None``: not waiting). Entries whose ids are in ``skip`` (already
+        in flight here) are not returned again."""
         if not self._own_pending_done:
             got = self._xreadgroup("0", count, None)
             if len(got) < count:

@@ -69,7 +69,8 @@ class StepReport:
     update_norm: float  # the step's L2 change to the adapter, measured when the cap is on (else 0)
     n_new: int
     n_replay: int
-    tokens: int
+    tokens: int  # loss-carrying tokens of every row, replayed ones included
+    new_tokens: int  # loss-carrying tokens of the new rows only
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +228,7 @@ class ContinualLearner:
                             p.copy_(b + d * scale)
         return StepReport(loss=loss.item(), task_loss=task.item(), anchor=anchor.item(), distill=distill.item(),
                           grad_norm=grad_norm, update_norm=update_norm, n_new=len(new), n_replay=len(replay),
-                          tokens=batch.n_tokens)
+                          tokens=batch.n_tokens, new_tokens=int((batch.labels[: len(new)] != IGNORE).sum()))
 
     def evaluate(self, examples: Sequence[Example]) -> float:
         return evaluate_loss(self.model, self.tokenizer, examples, self.config.max_seq_len,

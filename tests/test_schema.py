@@ -52,3 +52,13 @@ def test_bad_entries_are_rejected_with_a_reason(fields, reason):
     out = parse(fields)
     assert isinstance(out, Rejection), out
     assert out.reason == reason and out.detail and out.entry_id == "1-0"
+
+
+def test_an_interaction_survives_the_trip_between_processes_unchanged():
+    import pickle
+
+    it = parse_entry("5-1", {b"prompt": b"Q", b"response": b" A", b"reward": b"-0.5", b"id": b"x",
+                             b"meta": b'{"domain": "python", "n": [1, 2]}'}, 65536)
+    back = pickle.loads(pickle.dumps(it))
+    assert back == it and back.domain == "python" and back.reward == -0.5 and back.meta == {"domain": "python",
+                                                                                              "n": [1, 2]}
