@@ -206,3 +206,36 @@ def test_lineages_are_routed_forked_on_demand_and_take_turns(tmp_path, tiny_mode
     dead = [e[1] for e in r.xrange(f"{STREAM}:dead")]
     assert [x[b"reason"] for x in dead] == [b"unknown_lineage"] and dead[0][b"lineage"] == b"unknown"
     assert d2.terminate() == 0
+
+
+def test_pause_holds_learning_and_resume_releases_it(tmp_path, tiny_model, redis_url, daemon_factory):
+    home = tmp_path / "home"
+    env = settings_env(home, tiny_model, redis_url)
+    r = redis.Redis.from_url(redis_url)
+    d = daemon_factory(env)
+    d.wait_healthy()
+    cli = [sys.executable, "-m", "daemon.cli"]
+    assert subprocess.run(cli + ["pause"], env=env, capture_output=True, timeout=60).returncode == 0
+    deadline = time.monotonic() + 60
+    while metric_value(d.metrics(), "cascade_paused") != 1:
+        assert time.monotonic() < deadline, "the daemon did not pause"
+        time.sleep(0.2)
+    for i in range(30):
+        r.xadd(STREAM, interaction(i))
+    # Paused, the daemon still reads and validates (received grows) but learns and acknowledges nothing.
+    deadline = time.monotonic() + 60
+    while metric_value(d.metrics(), "cascade_interactions_received_total", lineage="main") < 30:
+        assert time.monotonic() < deadline, "entries were not read while paused"
+        time.sleep(0.2)
+    time.sleep(2.0)  # several dispatch rounds
+    m = d.metrics()
+    for name in ("cascade_update_steps_total", "cascade_tokens_learned_total"):
+        assert f'{name}{{lineage="main"}}' not in m  # no step yet: the labelled series does not exist
+    assert r.xpending(STREAM, GROUP)["pending"] == 30
+    assert subprocess.run(cli + ["resume"], env=env, capture_output=True, timeout=60).returncode == 0
+    wait_drained(r, STREAM, GROUP, proc=d)
+    m = d.metrics()
+    assert metric_value(m, "cascade_paused") == 0
+    assert metric_value(m, "cascade_update_steps_total", lineage="main") > 0
+    learned = metric_value(m, "cascade_interactions_learned_total", lineage="main")
+    assert learned > 0 and metric_value(m, "cascade_tokens_learned_total", lineage="main") > learned
