@@ -62,6 +62,19 @@ class Settings(BaseSettings):
     heldout_per_domain: int = Field(32, ge=1, le=10_000)
     gate_min_items: int = Field(8, ge=1, description="held-out items a source needs before the gate judges it")
 
+    # -- phases and self-tuning -------------------------------------------------------------------
+    phases: str = Field("", description="phases of each adapter's life, e.g. 'warmup: steps=40, modules=q_proj+v_proj, "
+                        "lr_scale=0.5, replay_ratio=0.6; full' (see policies/schedule.py); empty = one phase")
+    self_tuning: bool = Field(False, description="on: learning rate, replay ratio and distillation weight follow "
+                              "forgetting, rollbacks and the training loss, inside the tune_* bounds")
+    tune_lr_min: float = Field(5e-5, gt=0, le=1.0)
+    tune_lr_max: float = Field(4e-3, gt=0, le=1.0)
+    tune_replay_min: float = Field(0.2, ge=0, lt=1)
+    tune_replay_max: float = Field(0.7, ge=0, lt=1)
+    tune_distill_min: float = Field(0.1, ge=0)
+    tune_distill_max: float = Field(2.0, ge=0)
+    tune_forgetting_target: float = Field(0.05, gt=0, description="nats of forgetting the self-tuner steers under")
+
     # -- reduction -------------------------------------------------------------------------------
     reduce_every: int = Field(2000, ge=0, description="interactions per lineage between reductions; 0 = on command")
     reduce_keep: float = Field(0.7, gt=0, le=1, description="share of non-embedding parameters a reduction keeps")
@@ -93,7 +106,7 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
-    @field_validator("gate", mode="before")
+    @field_validator("gate", "self_tuning", mode="before")
     @classmethod
     def _on_off(cls, v):
         if isinstance(v, str):
@@ -115,6 +128,14 @@ class Settings(BaseSettings):
         if unknown or not items:
             raise ValueError(f"unknown constraint(s) {unknown or v!r}; use 'none' or a comma list of {sorted(ALL_CONSTRAINTS)}")
         return ",".join(sorted(set(items)))
+
+    @field_validator("phases")
+    @classmethod
+    def _phases(cls, v: str) -> str:
+        from policies.schedule import parse_phases
+
+        parse_phases(v)
+        return v
 
     @field_validator("device")
     @classmethod
@@ -151,6 +172,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _tuning_bounds(self):
+        if self.self_tuning:
+            for knob, lo, hi, value in (("lr", self.tune_lr_min, self.tune_lr_max, self.learning_rate),
+                                        ("replay", self.tune_replay_min, self.tune_replay_max, self.replay_ratio),
+                                        ("distill", self.tune_distill_min, self.tune_distill_max, self.distill_weight)):
+                if not lo <= value <= hi:
+                    raise ValueError(f"CASCADE_TUNE_{knob.upper()}_MIN/MAX: [{lo:g}, {hi:g}] must hold the set "
+                                     f"value {value:g}")
+        return self
+
+    @model_validator(mode="after")
     def _base_model_exists(self):
         if self.base_model is not None and not (self.base_model / "config.json").is_file():
             raise ValueError(f"CASCADE_BASE_MODEL: {self.base_model} is not a model directory (no config.json)")
@@ -180,6 +212,21 @@ class Settings(BaseSettings):
     def window_size(self) -> int:
         """New interactions per update window: ``window_steps`` steps of the new rows of a batch."""
         return max(1, self.batch_size - self.update_config().replay_count()) * self.window_steps
+
+    def phase_schedule(self):
+        from policies.schedule import parse_phases
+
+        return parse_phases(self.phases)
+
+    def self_tuner(self):
+        """The lineage's self-tuner, or None when ``self_tuning`` is off."""
+        if not self.self_tuning:
+            return None
+        from policies.tuning import Bounds, Knobs, SelfTuner
+
+        return SelfTuner(Knobs(self.learning_rate, self.replay_ratio, self.distill_weight),
+                         Bounds((self.tune_lr_min, self.tune_lr_max), (self.tune_replay_min, self.tune_replay_max),
+                                (self.tune_distill_min, self.tune_distill_max)), self.tune_forgetting_target)
 
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)

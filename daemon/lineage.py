@@ -37,6 +37,7 @@ from learners.replay import ReplayBuffer
 from learners.update import ContinualLearner, evaluate_loss
 from policies.gate import forgetting, judge_update
 from policies.reduction import ModelShape, plan_candidates
+from policies.tuning import Change, Knobs, Signal
 
 log = logging.getLogger("cascade.lineage")
 
@@ -60,6 +61,9 @@ class LearnReport:
     replay_items: int = 0
     update_seconds: float = 0.0
     reduce_due: bool = False
+    phase: str = ""  # the phase the window was learned in
+    knobs: dict[str, float] = field(default_factory=dict)  # learning rate, replay ratio, distillation weight
+    tuning: list[Change] = field(default_factory=list)  # what the self-tuner changed after this window
 
 
 @dataclass
@@ -86,8 +90,14 @@ class LineageWorker:
         self.step = int(state.get("step", 0))
         self.ledger.forget_after(self.step)
         self.counters = dict(state.get("counters", {}))
-        for k in ("update_steps", "interactions_learned", "since_reduction", "rollbacks", "heldout_seen"):
+        for k in ("update_steps", "interactions_learned", "since_reduction", "rollbacks", "heldout_seen",
+                  "adapter_steps"):
             self.counters.setdefault(k, 0)
+        self.schedule = settings.phase_schedule()
+        self.tuner = settings.self_tuner()
+        if self.tuner is not None and "knobs" in state:  # tuned values survive a restart
+            self.tuner.knobs = self.tuner.bounds.clamp(Knobs(**state["knobs"]))
+        self.phase = ""
         self.last_entry_id = state.get("last_entry_id")
         self.best: dict[str, float] = dict(state.get("best", {}))
         self.last_heldout: dict[str, float] = dict(state.get("heldout_loss", {}))
@@ -168,6 +178,7 @@ class LineageWorker:
                 train.append(ex)
 
         if train:
+            self._configure_window(rep)
             before = self.last_heldout
             if self.s.gate and self._heldout_dirty:
                 # A source whose held-out set changed is measured afresh: its best so far was a
@@ -215,9 +226,39 @@ class LineageWorker:
                 log.warning("lineage %s: update rolled back (%s): %s", self.lineage, decision.reason, decision.detail)
                 outcomes += [(ex.id, "rolled_back") for ex in train]
             self.counters["update_steps"] += rep.steps
+            if not rep.rollback:
+                self.counters["adapter_steps"] += rep.steps
+            if self.tuner is not None:
+                rep.tuning = self.tuner.observe(Signal(forgetting(after or self.last_heldout, self.best),
+                                                       rep.rollback is not None, rep.train_loss))
+                for c in rep.tuning:
+                    log.info("lineage %s: self-tuning %s %.4g -> %.4g: %s", self.lineage, c.knob, c.old, c.new, c.reason)
         self.last_entry_id = interactions[-1].entry_id
         self.checkpoint(outcomes)
         return self._finish(rep, t0)
+
+    def knobs(self) -> Knobs:
+        """The learning rate, replay ratio and distillation weight before the phase adjusts them."""
+        if self.tuner is not None:
+            return self.tuner.knobs
+        return Knobs(self.s.learning_rate, self.s.replay_ratio, self.s.distill_weight)
+
+    def _configure_window(self, rep: LearnReport) -> None:
+        """Set the learner up for this window: the phase in force, then the (tuned) knobs."""
+        _, phase = self.schedule.at(self.counters["adapter_steps"])
+        if phase.name != self.phase:
+            log.info("lineage %s: phase %s from adapter step %d", self.lineage, phase.name,
+                     self.counters["adapter_steps"])
+            self.phase = phase.name
+        k = self.knobs()
+        cfg = self.learner.config
+        self.learner.set_learning_rate(k.learning_rate * phase.lr_scale)
+        cfg.replay_ratio = k.replay_ratio if phase.replay_ratio is None else phase.replay_ratio
+        cfg.distill_weight = k.distill_weight
+        self.learner.train_only(phase.modules)
+        rep.phase = phase.name
+        rep.knobs = {"learning_rate": cfg.learning_rate, "replay_ratio": cfg.replay_ratio,
+                     "distill_weight": cfg.distill_weight}
 
     def _finish(self, rep: LearnReport, t0: float) -> LearnReport:
         rep.heldout = dict(self.last_heldout)
@@ -255,6 +296,8 @@ class LineageWorker:
             "counters": self.counters,
             "best": self.best,
             "heldout_loss": self.last_heldout,
+            "phase": self.phase,
+            "knobs": vars(self.knobs()),
             "updated_at": now_rfc3339(),
         }
 
@@ -373,6 +416,7 @@ class LineageWorker:
         n_before = self.n_params
         del teacher, student
         self._reload_after_reduction()
+        self.counters["adapter_steps"] = 0  # a fresh adapter: the phase schedule starts again
         self.best = {}
         self.last_heldout = {}
         self._heldout_dirty = True

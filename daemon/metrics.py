@@ -63,6 +63,12 @@ class Metrics:
         self.ingest_to_learn = Histogram("cascade_ingest_to_learn_seconds",
                                          "Seconds from XADD to acknowledgement after learning",
                                          buckets=SECONDS_BUCKETS, registry=r)
+        self.phase = Gauge("cascade_learning_phase", "1 for the phase each lineage's adapter is in (CASCADE_PHASES)",
+                           ["lineage", "phase"], registry=r)
+        self.knob = Gauge("cascade_learning_knob", "Learning rate, replay ratio and distillation weight in force "
+                          "(after the phase and the self-tuner)", ["lineage", "knob"], registry=r)
+        self.tuning_changes = Counter("cascade_tuning_changes", "Changes the self-tuner made, by knob and direction",
+                                      ["lineage", "knob", "direction"], registry=r)
         self.up = Gauge("cascade_redis_up", "1 when the last Redis call succeeded", registry=r)
         self.paused = Gauge("cascade_paused", "1 while learning is paused by a control command", registry=r)
 

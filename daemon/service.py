@@ -405,6 +405,13 @@ class Daemon:
         m.replay_items.labels(lin).set(rep.replay_items)
         if rep.rollback:
             m.rollbacks.labels(lin, rep.rollback).inc()
+        if rep.phase:
+            for name in self.s.phase_schedule().names:
+                m.phase.labels(lin, name).set(1 if name == rep.phase else 0)
+        for knob, value in rep.knobs.items():
+            m.knob.labels(lin, knob).set(value)
+        for c in rep.tuning:
+            m.tuning_changes.labels(lin, c.knob, c.direction).inc()
         self.last_report[lin] = {"learned": rep.learned, "train_loss": rep.train_loss}
         if rep.reduce_due and lin not in self.reduce_requests:
             self.reduce_requests[lin] = "every"

@@ -166,6 +166,12 @@ class ContinualLearner:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
+    def train_only(self, modules: frozenset[str] | None) -> None:
+        """Train the LoRA weights of ``modules`` (e.g. ``{"q_proj", "v_proj"}``) and freeze the rest;
+        ``None`` trains them all. Frozen weights get no gradient, so the optimizer leaves them be."""
+        for name, p in self.params.items():
+            p.requires_grad_(modules is None or any(f".{m}." in name for m in modules))
+
     def save(self, directory: str | Path) -> None:
         """A standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
@@ -176,7 +182,8 @@ class ContinualLearner:
 
     @property
     def n_trainable(self) -> int:
-        return sum(p.numel() for p in self.params.values())
+        """Adapter weights being trained now (all of them unless :meth:`train_only` froze some)."""
+        return sum(p.numel() for p in self.params.values() if p.requires_grad)
 
     # -- the step ----------------------------------------------------------------------------
     def step(self, new: Sequence[Example], replay: Sequence[Example] = ()) -> StepReport:
@@ -208,7 +215,7 @@ class ContinualLearner:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = list(self.params.values())
+        params = [p for p in self.params.values() if p.requires_grad]
         clip = "clip" in cfg.constraints
         # clip_grad_norm_ returns the norm before clipping; with an infinite bound it only measures.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if clip else math.inf))

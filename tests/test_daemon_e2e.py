@@ -239,3 +239,5 @@ def test_pause_holds_learning_and_resume_releases_it(tmp_path, tiny_model, redis
     assert metric_value(m, "cascade_update_steps_total", lineage="main") > 0
     learned = metric_value(m, "cascade_interactions_learned_total", lineage="main")
     assert learned > 0 and metric_value(m, "cascade_tokens_learned_total", lineage="main") > learned
+    assert metric_value(m, "cascade_learning_phase", lineage="main", phase="full") == 1
+    assert metric_value(m, "cascade_learning_knob", lineage="main", knob="learning_rate") == 0.003
