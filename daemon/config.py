@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     tune_distill_max: float = Field(2.0, ge=0)
     tune_forgetting_target: float = Field(0.05, gt=0, description="nats of forgetting the self-tuner steers under")
 
+    meta_init: bool = Field(False, description="on: a fresh adapter (fork, promotion) starts from an initialization "
+                            "meta-learned (Reptile) on every lineage's replay data, when there is enough of it")
+    meta_rounds: int = Field(24, ge=1, le=10_000, description="Reptile rounds (one task adapted per round)")
+    meta_inner_steps: int = Field(4, ge=1, le=1000, description="Adam steps per Reptile round")
+
     # -- reduction -------------------------------------------------------------------------------
     reduce_every: int = Field(2000, ge=0, description="interactions per lineage between reductions; 0 = on command")
     reduce_keep: float = Field(0.7, gt=0, le=1, description="share of non-embedding parameters a reduction keeps")
@@ -106,7 +111,7 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
-    @field_validator("gate", "self_tuning", mode="before")
+    @field_validator("gate", "self_tuning", "meta_init", mode="before")
     @classmethod
     def _on_off(cls, v):
         if isinstance(v, str):
@@ -227,6 +232,11 @@ class Settings(BaseSettings):
         return SelfTuner(Knobs(self.learning_rate, self.replay_ratio, self.distill_weight),
                          Bounds((self.tune_lr_min, self.tune_lr_max), (self.tune_replay_min, self.tune_replay_max),
                                 (self.tune_distill_min, self.tune_distill_max)), self.tune_forgetting_target)
+
+    def meta_init_policy(self):
+        from policies.adaptation import MetaInitPolicy
+
+        return MetaInitPolicy(enabled=self.meta_init)
 
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)

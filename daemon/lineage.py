@@ -32,6 +32,7 @@ from daemon.config import Settings
 from daemon.registry import LineageDir, Registry, now_rfc3339, read_json, atomic_write_json
 from daemon.schema import Interaction
 from learners.data import Example, chunks
+from learners.meta import ReptileConfig, reptile
 from learners.reduction import activation_importance, count_parameters, heal, merge_adapter, prune
 from learners.replay import ReplayBuffer
 from learners.update import ContinualLearner, evaluate_loss
@@ -123,8 +124,41 @@ class LineageWorker:
         # promoted: continue with a fresh adapter on the current generation.
         adapter = live if (live is not None and state.get("base") == self.generation
                            and (live / "adapter_config.json").is_file()) else None
+        if adapter is None:
+            adapter = self._meta_init(gen_dir)
         self.learner = ContinualLearner(gen_dir, self.tokenizer, self.s.update_config(), adapter_dir=adapter)
         self.n_params = count_parameters(self.learner.model.get_base_model())
+
+    def _meta_init(self, gen_dir: Path) -> Path | None:
+        """A fresh adapter's starting point: meta-learned on every lineage's replay data when the
+        policy finds enough of it (``registry/<lineage>/meta-init/<generation>/``), else None."""
+        out = self.dir.path / "meta-init" / self.generation
+        if (out / "adapter_config.json").is_file():
+            return out  # made for this generation before a restart
+        items = self.replay.all()
+        registry = Registry(self.s.registry_root)
+        for name in registry.lineages():
+            live = registry.lineage(name).live_target() if name != self.lineage else None
+            try:
+                if live is not None:
+                    items += ReplayBuffer.from_json(read_json(live / "replay.json")).all()
+            except (OSError, ValueError, KeyError):  # a lineage mid-checkpoint: its data next time
+                continue
+        tasks = self.s.meta_init_policy().tasks(items, self.s.seed)
+        if tasks is None:
+            return None
+        log.info("lineage %s: meta-learning a starting adapter on %s", self.lineage,
+                 ", ".join(f"{d} ({len(v)})" for d, v in tasks.items()))
+        staging = out.parent / f".staging-{self.generation}"
+        shutil.rmtree(staging, ignore_errors=True)
+        reptile(gen_dir, self.tokenizer, tasks, self.s.update_config(),
+                ReptileConfig(rounds=self.s.meta_rounds, inner_steps=self.s.meta_inner_steps), staging)
+        atomic_write_json(staging / "tasks.json", {d: len(v) for d, v in tasks.items()})
+        for old in out.parent.iterdir():  # one generation's initialization is kept
+            if old != staging:
+                shutil.rmtree(old, ignore_errors=True)
+        staging.rename(out)
+        return out
 
     # -- learning --------------------------------------------------------------------------------
     def _is_heldout(self, ex: Example) -> bool:
