@@ -382,7 +382,7 @@ def part_hardware(base_model: Path, quick: bool) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from learners.data import Example, collate
+    from learners.data import Example, collate, encode
     from learners.update import ContinualLearner, UpdateConfig
 
     tok = AutoTokenizer.from_pretrained(str(base_model))
@@ -410,10 +410,26 @@ def part_hardware(base_model: Path, quick: bool) -> dict:
         collate(tok, exs[8 + 5 * i : 13 + 5 * i] + exs[:3], SEQ)
     collate_s = (time.perf_counter() - t0) / n
     base = out["fp32, 2 threads"]
-    return {"configs": out, "bf16_step_speedup": base["step_s"] / out["bf16, 2 threads"]["step_s"],
+    lengths = [len(encode(tok, ex, SEQ)[0]) for ex in exs]
+    return {"configs": out, "padding_share": {"arrival_order": _padding(lengths, False),
+                                              "sorted_within_window": _padding(lengths, True)}, "bf16_step_speedup": base["step_s"] / out["bf16, 2 threads"]["step_s"],
             "bf16_eval_speedup": base["eval_32_s"] / out["bf16, 2 threads"]["eval_32_s"],
             "two_threads_speedup": out["fp32, 1 thread"]["step_s"] / base["step_s"],
             "collate_s": collate_s, "collate_share_of_step": collate_s / base["step_s"]}
+
+
+def _padding(lengths: list[int], sort: bool) -> float:
+    """Share of padded positions when windows of new rows are cut into batches of new rows."""
+    new_per_step = BATCH - round(BATCH * REPLAY_RATIO)
+    window = new_per_step * WINDOW_STEPS
+    real = padded = 0
+    for w in range(0, len(lengths), window):
+        rows = sorted(lengths[w : w + window]) if sort else lengths[w : w + window]
+        for i in range(0, len(rows), new_per_step):
+            b = rows[i : i + new_per_step]
+            real += sum(b)
+            padded += max(b) * len(b)
+    return 1 - real / padded
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -483,7 +499,8 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {name} | {v['step_s']:.3f} | {v['eval_32_s']:.3f} |")
         lines.append(f"\nbf16: step {H['bf16_step_speedup']:.2f}x, eval {H['bf16_eval_speedup']:.2f}x; two threads "
                      f"{H['two_threads_speedup']:.2f}x one; batch assembly {100 * H['collate_share_of_step']:.1f}% of "
-                     "a step")
+                     f"a step; padding {100 * H['padding_share']['arrival_order']:.1f}% of positions in arrival "
+                     f"order, {100 * H['padding_share']['sorted_within_window']:.1f}% sorted by length within a window")
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ MAX_META_DEPTH = 8
 MAX_ID_CHARS = 128
 REASONS = frozenset({"oversized", "not_utf8", "missing_field", "unknown_field", "empty_response", "bad_text",
                      "bad_lineage", "bad_reward", "bad_id", "bad_meta"})
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
 REWARD_RE = re.compile(r"\A[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 
 
@@ -92,7 +93,7 @@ def _deeper_than(value: Any, limit: int) -> bool:
 def _bad_text(s: str) -> str | None:
     if "\x00" in s:
         return "contains a NUL character"
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in s):
+    if SURROGATE_RE.search(s):
         return "contains a lone surrogate"
     return None
 

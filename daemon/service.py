@@ -260,11 +260,14 @@ class Daemon:
             self.metrics.rejected.labels(reason).inc(n)
         for cmd in res.controls:
             self._control(cmd)
+        received: collections.Counter[str] = collections.Counter()
         for it in res.interactions:
             if it.lineage not in self.learners and not self._admit_lineage(it):
                 continue
-            self.metrics.received.labels(it.lineage).inc()
+            received[it.lineage] += 1
             self.buffers[it.lineage].append(it)
+        for lineage, n in received.items():
+            self.metrics.received.labels(lineage).inc(n)
         return res.read == 0
 
     def _admit_lineage(self, it: Interaction) -> bool:
