@@ -335,7 +335,8 @@ def session_rss(session: int) -> dict[str, int]:
 
 
 def part_memory(tiny: Path, work: Path, minutes: float) -> dict:
-    d, port = start_daemon(work / "memory", tiny, max_seq_len=64, replay_capacity=2000)
+    # One core for the learner (CASCADE_LEARNER_CPUS=1), so the soak can share the machine with another run.
+    d, port = start_daemon(work / "memory", tiny, max_seq_len=64, replay_capacity=2000, learner_cpus=1)
     samples, sent = [], 0
     t0 = time.monotonic()
     try:
