@@ -12,9 +12,9 @@ from daemon.config import SettingsError, load_settings
 from daemon.foundation import ensure_foundation
 from daemon.lineage import LineageWorker
 from daemon.registry import Registry
-from daemon.schema import Interaction
 from policies.schedule import Phase, parse_phases
 from policies.tuning import Bounds, Knobs, SelfTuner, Signal
+from tests.test_registry import items, poison
 
 WARMUP = "warmup: steps=4, modules=q_proj+v_proj, lr_scale=0.5, replay_ratio=0.6; full"
 
@@ -105,11 +105,6 @@ def test_self_tuning_bounds_must_hold_the_set_values(tmp_path):
     load_settings(home=tmp_path, self_tuning="off", learning_rate=0.01)  # bounds only matter when on
 
 
-def items(n: int, start: int = 0) -> list[Interaction]:
-    return [Interaction(entry_id=f"{i + 1}-0", id=f"i{i}", prompt=f"Item {i}:", response=f" colour {i % 3}.",
-                        meta={"domain": "d"}) for i in range(start, start + n)]
-
-
 def lora_by_module(w: LineageWorker) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in w.learner.params.items()}
 
@@ -156,9 +151,7 @@ def test_a_lineage_tunes_itself_after_a_rollback_and_keeps_the_tuned_values(tmp_
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
     w.learn(items(120))
-    poison = [Interaction(entry_id=f"{100 + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ @@@@ ~~~~ " * 3,
-                          meta={"domain": "junk"}) for i in range(80)]
-    rep = w.learn(poison)
+    rep = w.learn(poison())
     assert rep.rollback is not None
     lr = next(c for c in rep.tuning if c.knob == "learning_rate")
     assert lr.old == 0.05 and lr.new < 0.05 and "rolled the window back" in lr.reason

@@ -19,6 +19,12 @@ def items(n: int, start: int = 0) -> list[Interaction]:
                         meta={"domain": "d"}) for i in range(start, start + n)]
 
 
+def poison(n: int = 80, start: int = 100) -> list[Interaction]:
+    """A burst of junk from a new source, harmful enough for the gate to roll it back."""
+    return [Interaction(entry_id=f"{start + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ @@@@ ~~~~ " * 3,
+                        meta={"domain": "junk"}) for i in range(n)]
+
+
 def settings(tmp_path, tiny_model, **kw):
     base = dict(home=tmp_path / "home", base_model=tiny_model, batch_size=4, max_seq_len=32, learning_rate=3e-3,
                 heal_steps=2, reduce_every=0, heldout_fraction=0.25)
@@ -96,9 +102,7 @@ def test_gate_rolls_back_a_harmful_update(tmp_path, tiny_model):
     w = LineageWorker(s, "main")
     w.learn(items(120))  # learns domain "d" and builds its held-out set
     ref = {n: p.detach().clone() for n, p in w.learner.params.items()}
-    poison = [Interaction(entry_id=f"{100 + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ @@@@ ~~~~ " * 3,
-                          meta={"domain": "junk"}) for i in range(80)]
-    rep = w.learn(poison)
+    rep = w.learn(poison())
     assert rep.rollback in ("regression", "forgetting") and rep.learned == 0
     import torch
 
@@ -113,9 +117,7 @@ def test_gate_does_not_judge_sources_with_too_few_heldout_items(tmp_path, tiny_m
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
     w.learn(items(120))
-    poison = [Interaction(entry_id=f"{1000 + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ @@@@ ~~~~ " * 3,
-                          meta={"domain": "junk"}) for i in range(80)]
-    rep = w.learn(poison)
+    rep = w.learn(poison(start=1000))
     assert rep.rollback is None and rep.learned > 0 and set(rep.heldout) == {"d", "junk"}
 
 
