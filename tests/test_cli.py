@@ -97,8 +97,11 @@ def test_status_watch_follows_a_running_daemon_live(tmp_path, tiny_model, redis_
     env = settings_env(home, tiny_model, redis_url)
     d = daemon_factory(env)
     d.wait_healthy()
+    # As from a terminal: Ctrl-C must reach it even when the test run itself was started in the background
+    # (a shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt).
     watch = subprocess.Popen([sys.executable, "-m", "daemon.cli", "status", "--watch", "--json", "--interval", "0.5"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = json.loads(watch.stdout.readline())
         assert first["daemon_running"] is True and first["lineages"][0]["interactions_learned"] == 0
@@ -117,8 +120,7 @@ def test_status_watch_follows_a_running_daemon_live(tmp_path, tiny_model, redis_
         assert main["update_steps"] == state["update_steps"] > 0 and main["generation"] == "gen-0000"
     finally:
         watch.send_signal(signal.SIGINT)  # Ctrl-C is the usual way out of a live view
-        # Drain its output while it exits: a writer blocked on a full pipe could not finish (seen once under load).
-        _out, err = watch.communicate(timeout=60)
+        _out, err = watch.communicate(timeout=60)  # drains its output while it exits
         assert watch.returncode == 0, err
 
     out = cascade(env, "status", "--watch", "--interval", "0.2", "--count", "3")
