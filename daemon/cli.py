@@ -155,8 +155,7 @@ def cmd_run(args, settings: Settings) -> int:
     daemon = Daemon(settings)
     pidfile = settings.home / "daemon.pid"
     try:
-        daemon.start()
-        daemon.install_signal_handlers()  # after ray.init, which installs handlers of its own
+        daemon.start(handle_signals=True)
         pidfile.write_text(str(os.getpid()))
         daemon.run()
     finally:

@@ -38,8 +38,7 @@ def run_demo(settings: Settings) -> int:
     daemon = Daemon(settings)
     promoted, outcome = threading.Event(), {}
     daemon.on_reduction = lambda rep: (outcome.update(report=rep), promoted.set())
-    daemon.start()
-    daemon.install_signal_handlers()  # after ray.init, which installs handlers of its own
+    daemon.start(handle_signals=True)
     runner = threading.Thread(target=daemon.run, name="daemon", daemon=True)
     runner.start()
 

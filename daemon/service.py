@@ -79,7 +79,7 @@ class Daemon:
         self.on_reduction = None  # optional callback(ReductionReport), called for every outcome
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> "Daemon":
+    def start(self, handle_signals: bool = False) -> "Daemon":
         s = self.s
         s.home.mkdir(parents=True, exist_ok=True)
         if s.metrics_host not in ("127.0.0.1", "localhost", "::1"):
@@ -97,6 +97,8 @@ class Daemon:
         self.redis_ok = True
         ensure_foundation(self.registry.lineage("main"), s.base_model)
         self._start_ray()
+        if handle_signals:  # after ray.init, which installs handlers of its own; before /healthz answers
+            self.install_signal_handlers()
         self.server = MetricsServer(self.metrics, s.metrics_host, s.metrics_port, self.health).start()
         log.info("metrics on http://%s:%d/metrics", s.metrics_host, self.server.port)
         from daemon.actors import IngestActor
