@@ -40,6 +40,8 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import RESULTS, Daemon, foundation, write_json
+from bench.crash import _free_port as free_port
+from daemon.stream import _id_tuple, _sid
 
 SEQ = 128
 BATCH = 8
@@ -50,14 +52,6 @@ PARTS = ("learning", "ingest", "freshness", "memory", "hardware")
 
 
 # -- talking to a running daemon ------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scrape(port: int) -> dict[str, float]:
     """``/metrics`` as ``{"name{label=value,...}": value}``."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -205,10 +199,10 @@ def steady_producer(d: Daemon, rate: float, recs: list[dict], stream: str = "cas
         # An entry is acknowledged once the group has delivered past it and it is no longer pending.
         while not done.is_set():
             now = time.time()
-            last = next(g["last-delivered-id"] for g in r.xinfo_groups(stream) if _s(g["name"]) == group)
-            pending = {_s(p["message_id"]) for p in r.xpending_range(stream, group, "-", "+", 100_000)}
+            last = next(g["last-delivered-id"] for g in r.xinfo_groups(stream) if _sid(g["name"]) == group)
+            pending = {_sid(p["message_id"]) for p in r.xpending_range(stream, group, "-", "+", 100_000)}
             for eid in [e for e in sent if e not in acked]:
-                if _id(eid) <= _id(_s(last)) and eid not in pending:
+                if _id_tuple(eid) <= _id_tuple(_sid(last)) and eid not in pending:
                     acked[eid] = now
             time.sleep(0.05)
 
@@ -219,7 +213,7 @@ def steady_producer(d: Daemon, rate: float, recs: list[dict], stream: str = "cas
         t_next += 1.0 / rate
         time.sleep(max(0.0, t_next - time.time()))
         fields = {"prompt": rec["prompt"], "response": rec["response"], "id": rec["id"]}
-        eid = _s(r.xadd(stream, fields))
+        eid = _sid(r.xadd(stream, fields))
         sent[eid] = time.time()
     wait_for(lambda: len(acked) == len(sent), "every entry to be acknowledged", 3600)
     done.set()
@@ -227,15 +221,6 @@ def steady_producer(d: Daemon, rate: float, recs: list[dict], stream: str = "cas
     lat = sorted(acked[e] - sent[e] for e in sent)
     return {"rate_per_s": rate, "entries": len(lat), "p50_s": _quantile(lat, 0.5), "p95_s": _quantile(lat, 0.95),
             "max_s": lat[-1]}
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
-def _id(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _quantile(xs: list[float], q: float) -> float:

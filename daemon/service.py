@@ -59,6 +59,7 @@ class Daemon:
         self.s = settings
         self.registry = Registry(settings.registry_root)
         self.metrics = Metrics(package_version())
+        self.phase_names = settings.phase_schedule().names
         self.embedded: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
         self._stop = threading.Event()
@@ -411,7 +412,7 @@ class Daemon:
         if rep.rollback:
             m.rollbacks.labels(lin, rep.rollback).inc()
         if rep.phase:
-            for name in self.s.phase_schedule().names:
+            for name in self.phase_names:
                 m.phase.labels(lin, name).set(1 if name == rep.phase else 0)
         for knob, value in rep.knobs.items():
             m.knob.labels(lin, knob).set(value)
