@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import learners  # noqa: F401  (environment guards first)
+from learners._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before transformers imports torchvision
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

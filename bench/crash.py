@@ -197,7 +197,6 @@ def main(argv=None) -> int:
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    import learners  # noqa: F401  (environment guards first)
     from bench.common import write_json
     from tests.tiny import build_tiny_llama, save_tokenizer
 

@@ -1,4 +1,5 @@
-"""The cascade-lm service: settings, stream I/O, registry, Ray actors, metrics, CLI."""
-from learners._compat import ensure_torchvision_importable
+"""The cascade-lm service: settings, stream I/O, registry, Ray actors, metrics, CLI.
 
-ensure_torchvision_importable()
+Only the learner (``daemon.lineage``) and the commands that load a model import torch; the CLI, the
+driver and the ingest actor stay light (see ``learners.config``).
+"""

@@ -41,14 +41,9 @@ def setup_logging(settings: Settings | None, level=logging.INFO) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Read by transformers and huggingface_hub when (and if) a command loads a model.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except Exception:
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 class RedisHandle:
@@ -322,7 +317,9 @@ def cmd_generations(args, settings: Settings) -> int:
 
 
 def cmd_eval(args, settings: Settings) -> int:
-    import torch  # noqa: F401
+    from learners._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
     from peft import PeftModel
     from transformers import AutoTokenizer
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from learners.update import ALL_CONSTRAINTS, UpdateConfig
+from learners.config import ALL_CONSTRAINTS, UpdateConfig
 from policies.reduction import ReductionPolicy
 
 _toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cascade_toml", default=None)

@@ -87,6 +87,9 @@ def run_demo(settings: Settings) -> int:
 
 
 def _summary(registry: Registry, settings: Settings, gen0: str) -> int:
+    from learners._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
     from transformers import AutoTokenizer
 
     from daemon.registry import read_json

@@ -46,6 +46,9 @@ def gguf_path() -> Path:
 
 def convert_gguf(dest: Path) -> None:
     """Dequantise the shipped GGUF into a plain fp32 LlamaForCausalLM directory at ``dest``."""
+    from learners._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

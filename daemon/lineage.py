@@ -26,6 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from learners._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before transformers imports torchvision
+
 from transformers import AutoTokenizer
 
 from daemon.config import Settings

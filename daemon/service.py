@@ -8,6 +8,7 @@ learner's report says they are durable, and it publishes promoted generations.
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import logging
 import os
@@ -108,6 +109,7 @@ class Daemon:
         self.ingest = IngestActor.remote(s, self.redis_url, consumer)
         for lineage in self.registry.lineages():
             self._learner(lineage)
+        gc.freeze()  # what start loaded lives as long as the daemon: the collector need not rescan it
         return self
 
     def _start_ray(self) -> None:

@@ -1,4 +1,6 @@
-"""Plain torch + peft learning: update step, replay, constraints, evaluation, reduction. No Ray, no Redis."""
-from learners._compat import ensure_torchvision_importable
+"""Plain torch + peft learning: update step, replay, constraints, evaluation, reduction. No Ray, no Redis.
 
-ensure_torchvision_importable()
+``learners.config`` is plain data (no torch), so processes that only read settings stay light; the
+modules that import transformers or peft run :func:`learners._compat.ensure_torchvision_importable`
+first.
+"""

@@ -4,8 +4,9 @@ avalanche-lib pins a torchvision whose PyPI build is compiled for CUDA; beside t
 C++ extension cannot load, and its Python side then dies registering fake kernels for
 ``torchvision::nms`` ("operator torchvision::nms does not exist"). transformers imports torchvision
 whenever it is installed, so without this guard ``import peft`` fails. We never use torchvision's
-operators; declaring the two schemas lets the import complete. This runs in every process that
-imports ``learners`` or ``daemon`` (Ray workers included, since they import those packages).
+operators; declaring the two schemas lets the import complete. Every module that imports
+transformers or peft calls it first (``learners.update``, ``learners.reduction``, ``daemon.lineage``
+and the commands that load a model); processes that never load a model never import torch.
 """
 from __future__ import annotations
 

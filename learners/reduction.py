@@ -18,6 +18,10 @@ import copy
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from learners._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before transformers imports torchvision
+
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM

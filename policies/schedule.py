@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from learners.update import LORA_TARGETS
+from learners.config import LORA_TARGETS
 
 KEYS = ("steps", "modules", "lr_scale", "replay_ratio")
 

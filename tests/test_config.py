@@ -84,3 +84,15 @@ def test_device_follows_the_setting_and_what_the_machine_has(monkeypatch):
 def test_precision_setting_reaches_the_update_step(monkeypatch):
     monkeypatch.setenv("CASCADE_PRECISION", "bf16")
     assert load_settings().update_config().bf16 is True
+
+
+def test_processes_that_never_load_a_model_never_import_torch():
+    """The CLI, the driver and the ingest actor stay light: torch, transformers and peft load only in
+    the learner (and in commands that load a model)."""
+    code = ("import sys, daemon.cli, daemon.service, daemon.actors, policies.schedule, policies.tuning; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+    code = "import sys, daemon.lineage; print('torch' in sys.modules and 'peft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "True"

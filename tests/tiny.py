@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import learners  # noqa: F401  (environment guards first)
+from learners._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before transformers imports torchvision
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 

@@ -1,0 +1,34 @@
+"""What one continual update is configured by: plain data, importable without torch.
+
+The daemon's settings (``daemon.config``) build an :class:`UpdateConfig`; processes that only read
+the stream (the CLI, the ingest actor, the driver) import this module and never load torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ALL_CONSTRAINTS = frozenset({"replay", "anchor", "distill", "clip"})
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class UpdateConfig:
+    lora_rank: int = 16
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    max_seq_len: int = 256
+    replay_ratio: float = 0.5
+    constraints: frozenset[str] = field(default_factory=lambda: ALL_CONSTRAINTS)
+    anchor_weight: float = 1.0
+    distill_weight: float = 0.5
+    max_grad_norm: float = 1.0
+    max_update_scale: float = 1.0
+    bf16: bool = False
+    device: str = "cpu"  # "cpu" or "cuda[:N]"; the adapter, the frozen generation and batches all live there
+    seed: int = 0
+
+    def replay_count(self) -> int:
+        """Replayed rows per batch: ``replay_ratio`` of ``batch_size`` when replay is on."""
+        if "replay" not in self.constraints or self.replay_ratio <= 0:
+            return 0
+        return max(1, round(self.batch_size * self.replay_ratio))
