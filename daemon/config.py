@@ -216,7 +216,10 @@ class Settings(BaseSettings):
 
     def window_size(self) -> int:
         """New interactions per update window: ``window_steps`` steps of the new rows of a batch."""
-        return max(1, self.batch_size - self.update_config().replay_count()) * self.window_steps
+        # Not update_config(): resolving CASCADE_DEVICE=auto loads torch, which the driver never needs.
+        replay = UpdateConfig(batch_size=self.batch_size, replay_ratio=self.replay_ratio,
+                              constraints=self.constraint_set).replay_count()
+        return max(1, self.batch_size - replay) * self.window_steps
 
     def phase_schedule(self):
         from policies.schedule import parse_phases

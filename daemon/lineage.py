@@ -22,7 +22,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +33,7 @@ from transformers import AutoTokenizer
 
 from daemon.config import Settings
 from daemon.registry import LineageDir, Registry, now_rfc3339, read_json, atomic_write_json
+from daemon.reports import LearnReport, ReductionReport
 from daemon.schema import Interaction
 from learners.data import Example, chunks
 from learners.meta import ReptileConfig, reptile
@@ -42,46 +42,9 @@ from learners.replay import ReplayBuffer
 from learners.update import ContinualLearner, evaluate_loss
 from policies.gate import forgetting, judge_update
 from policies.reduction import ModelShape, plan_candidates
-from policies.tuning import Change, Knobs, Signal
+from policies.tuning import Knobs, Signal
 
 log = logging.getLogger("cascade.lineage")
-
-
-@dataclass
-class LearnReport:
-    lineage: str
-    ack: list[str]  # entry ids now safe to acknowledge
-    received: int = 0
-    learned: int = 0
-    duplicates: int = 0
-    heldout_added: int = 0
-    steps: int = 0
-    tokens: int = 0  # tokens through the optimizer (new and replayed rows, kept or rolled back)
-    learned_tokens: int = 0  # tokens of the new interactions learned into the live adapter
-    train_loss: float = float("nan")
-    heldout: dict[str, float] = field(default_factory=dict)
-    forgetting: float = 0.0
-    rollback: str | None = None
-    rollback_detail: str = ""
-    replay_items: int = 0
-    update_seconds: float = 0.0
-    reduce_due: bool = False
-    phase: str = ""  # the phase the window was learned in
-    knobs: dict[str, float] = field(default_factory=dict)  # learning rate, replay ratio, distillation weight
-    tuning: list[Change] = field(default_factory=list)  # what the self-tuner changed after this window
-
-
-@dataclass
-class ReductionReport:
-    lineage: str
-    outcome: str  # "promoted", "rejected" or "failed"
-    generation: str
-    parent: str
-    n_params_before: int
-    n_params_after: int
-    seconds: float
-    card: dict | None = None
-    detail: str = ""
 
 
 class LineageWorker:

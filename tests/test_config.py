@@ -90,9 +90,10 @@ def test_processes_that_never_load_a_model_never_import_torch(tiny_model, tmp_pa
     """The CLI, the driver and the ingest actor stay light: torch, transformers and peft load only in
     the learner (and in commands that load a model) -- the driver creating a foundation included."""
     code = ("import sys; from pathlib import Path; import daemon.cli, daemon.service, daemon.actors, "
-            "policies.schedule, policies.tuning; from daemon.foundation import ensure_foundation; "
+            "daemon.reports, policies.schedule, policies.tuning; from daemon.foundation import ensure_foundation; "
             "from daemon.registry import Registry; "
             f"ensure_foundation(Registry(Path({str(tmp_path)!r})).lineage('main'), Path({str(tiny_model)!r})); "
+            f"from daemon.config import Settings; Settings(home=Path({str(tmp_path)!r})).window_size(); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
