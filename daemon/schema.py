@@ -18,11 +18,14 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel, Field
 
 from daemon.registry import LINEAGE_RE
+
+if TYPE_CHECKING:
+    from learners.data import Example
 
 KNOWN_FIELDS = {"prompt", "response", "lineage", "reward", "id", "meta"}
 MAX_META_BYTES = 4096
@@ -50,7 +53,7 @@ class Interaction(BaseModel):
         d = self.meta.get("domain")
         return d[:64] if isinstance(d, str) and d else "default"
 
-    def example(self) -> "Example":
+    def example(self) -> Example:
         from learners.data import Example  # torch: only the learner needs it
 
         return Example(id=self.id, prompt=self.prompt, response=self.response, reward=self.reward,

@@ -22,7 +22,7 @@ unlikelihood, ``-log(1 - p(token))`` weighted by ``|r|``, pushing the response's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from learners._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()  # before transformers imports torchvision
+
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
