@@ -126,8 +126,9 @@ def daemon_factory(tmp_path):
         d.kill()
 
 
-def metric_value(text: str, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
+def metric_value(text: str, name: str, default: float | None = None, **labels) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``; ``default`` when there is none
+    (a labelled series exists only once it is first set), else ``KeyError``."""
     total, found = 0.0, False
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
@@ -140,6 +141,8 @@ def metric_value(text: str, name: str, **labels) -> float:
             total += float(value)
             found = True
     if not found:
+        if default is not None:
+            return default
         raise KeyError(f"{name}{labels} not in /metrics")
     return total
 

@@ -224,7 +224,7 @@ def test_pause_holds_learning_and_resume_releases_it(tmp_path, tiny_model, redis
         r.xadd(STREAM, interaction(i))
     # Paused, the daemon still reads and validates (received grows) but learns and acknowledges nothing.
     deadline = time.monotonic() + 60
-    while metric_value(d.metrics(), "cascade_interactions_received_total", lineage="main") < 30:
+    while metric_value(d.metrics(), "cascade_interactions_received_total", 0.0, lineage="main") < 30:
         assert time.monotonic() < deadline, "entries were not read while paused"
         time.sleep(0.2)
     time.sleep(2.0)  # several dispatch rounds
