@@ -108,6 +108,11 @@ def live_model(home: Path, lineage: str = "main"):
     return model.eval(), AutoTokenizer.from_pretrained(str(gen))
 
 
+def safetensors_bytes(model_dir: Path) -> int:
+    """Bytes of a checkpoint's weights on disk."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
 def write_json(name: str, doc: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / name

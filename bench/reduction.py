@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, Daemon, foundation, live_model, ppl, write_json
+from bench.common import RESULTS, Daemon, foundation, live_model, ppl, safetensors_bytes, write_json
 
 TARGET, OTHER = "python", "man"
 METHODS = ["activation-target", "activation-other", "magnitude", "random"]
@@ -79,7 +79,7 @@ def specialize(base: Path, tok, data: dict, steps: int, seq: int):
 def file_bytes(model, tok, where: Path) -> int:
     model.save_pretrained(str(where), safe_serialization=True)
     tok.save_pretrained(str(where))
-    return sum(f.stat().st_size for f in where.glob("*.safetensors"))
+    return safetensors_bytes(where)
 
 
 def forward_speed(models: dict, tok, examples, seq: int, reps: int) -> dict[str, float]:

@@ -28,8 +28,9 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from statistics import geometric_mean
 
-from bench.common import RESULTS, foundation, live_model, write_json
+from bench.common import RESULTS, foundation, live_model, safetensors_bytes, write_json
 from bench.continual import LEARNING_RATE, load_data
 
 # lineage -> (parent generation it forks from, the domains it learns and is judged on)
@@ -53,12 +54,8 @@ def niche_ppl(home: Path, lineage: str, held: dict, domains: list[str], seq: int
 
     model, tok = live_model(home, lineage)
     out = {d: math.exp(evaluate_loss(model, tok, held[d], seq, 8)) for d in domains}
-    out["niche"] = math.exp(sum(math.log(out[d]) for d in domains) / len(domains))
+    out["niche"] = geometric_mean([out[d] for d in domains])
     return out
-
-
-def bytes_of(model_dir: Path) -> int:
-    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -115,8 +112,10 @@ def main(argv=None) -> int:
                         "replay_ratio": s.replay_ratio, "reduce_keep": s.reduce_keep, "reduce_budget": s.reduce_budget,
                         "heal_steps": s.heal_steps, "window_steps": s.window_steps},
            "per_domain": per_domain, "heldout": heldout,
-           "main": {"n_params": registry.lineage("main").card("gen-0000")["n_params"], "bytes": bytes_of(main_dir)},
+           "main": {"n_params": registry.lineage("main").card("gen-0000")["n_params"], "bytes": safetensors_bytes(main_dir)},
            "specialists": {}}
+    all_domains = list(dict.fromkeys(d for _, ds in TREE.values() for d in ds))
+    main_ppl = niche_ppl(home, "main", held, all_domains, s.max_seq_len)
     k = 0
     for lineage, (source, domains) in TREE.items():
         t0 = time.monotonic()
@@ -138,9 +137,9 @@ def main(argv=None) -> int:
         row = {"forked_from": f"{src_lineage}/{src_gen}", "domains": domains, "interactions": len(its),
                "learned": learned, "reduction": red.outcome, "generation": registry.lineage(lineage).current(),
                "n_params": registry.lineage(lineage).card(registry.lineage(lineage).current())["n_params"],
-               "bytes": bytes_of(gen_dir), "plan": (red.card or {}).get("reduction", {}).get("pruned"),
+               "bytes": safetensors_bytes(gen_dir), "plan": (red.card or {}).get("reduction", {}).get("pruned"),
                "ppl": niche_ppl(home, lineage, held, domains, s.max_seq_len),
-               "main_ppl": niche_ppl(home, "main", held, domains, s.max_seq_len)}
+               "main_ppl": {**{d: main_ppl[d] for d in domains}, "niche": geometric_mean([main_ppl[d] for d in domains])}}
         row["smaller_than_main"] = row["n_params"] < doc["main"]["n_params"]
         row["better_than_main"] = row["ppl"]["niche"] < row["main_ppl"]["niche"]
         row["seconds"] = time.monotonic() - t0
