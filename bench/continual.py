@@ -21,7 +21,9 @@ The budget (128 interactions a stage, learning rate 2e-3) and the defaults were 
 ``bench/continual_sweep.py`` (results in ``bench/results/continual-sweep.json``): it is the smallest
 budget found at which naive fine-tuning forgets more than 0.1 nats on average.
 
-Usage: ``python -m bench.continual [--quick]``; writes bench/results/continual[-quick].json and .png.
+Usage: ``python -m bench.continual [--quick] [--configs naive,default,...] [--update]``; writes
+bench/results/continual[-quick].json and .png; each configuration records the commit it ran at, and
+``--update`` reruns only ``--configs``, keeping the others of the existing JSON.
 """
 from __future__ import annotations
 
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--table", metavar="JSON", help="only print the README table of an earlier run")
     ap.add_argument("--configs",
                     default="naive,default,joint,avalanche-replay,avalanche-ewc,avalanche-lwf")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the configurations of the existing JSON that --configs does not rerun")
     args = ap.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(open(args.table).read())))
@@ -168,6 +172,9 @@ def main(argv=None) -> int:
     print("foundation: " + " ".join(f"{k}={v:.3f}" for k, v in base.items()), flush=True)
     doc = {"domains": DOMAINS, "per_stage": per_stage, "heldout_per_domain": heldout, "max_seq_len": seq,
            "new_per_step": NEW_PER_STEP, "foundation_loss": [base[d] for d in DOMAINS], "configs": {}}
+    suffix = "-quick" if args.quick else ""
+    if args.update and (RESULTS / f"continual{suffix}.json").exists():
+        doc["configs"] = json.loads((RESULTS / f"continual{suffix}.json").read_text())["configs"]
     for name in args.configs.split(","):
         print(f"running {name}", flush=True)
         if name.startswith("avalanche"):
@@ -175,14 +182,22 @@ def main(argv=None) -> int:
         else:
             res = run_config(name, configs[name], train, held, work, seq)
         res["summary"] = summarize(res, doc["foundation_loss"])
+        res["commit"], res["finished"] = git_commit(), time.strftime("%Y-%m-%d %H:%M", time.gmtime())
         doc["configs"][name] = res
         res["settings"] = {k: str(v) for k, v in res["settings"].items()}
         print(f"  {name}: {json.dumps(res['summary'])}", flush=True)
-        suffix = "-quick" if args.quick else ""
         write_json(f"continual{suffix}.json", doc)  # after every configuration: a long run keeps what it has
         plot(doc, RESULTS / f"continual{suffix}.png")
     print_table(doc)
     return 0
+
+
+def git_commit() -> str:
+    """The commit a configuration ran at (a run may keep older configurations: ``--update``)."""
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
+    return out.stdout.strip() or "unknown"
 
 
 def evaluate_foundation(base_model, held, seq) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
@@ -38,6 +39,8 @@ def parse_config(spec: str) -> tuple[str, dict]:
 
 
 def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_model: Path) -> dict:
+    import torch
+
     from daemon.config import Settings
     from daemon.foundation import ensure_foundation
     from daemon.lineage import LineageWorker
@@ -65,7 +68,10 @@ def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_
             model = w.learner.model
             rows.append([evaluate_loss(model, w.tokenizer, held[d], s.max_seq_len, 8) for d in DOMAINS])
         out = {"R": rows, "seconds": time.monotonic() - t0, "update_steps": w.counters["update_steps"],
-               "rollbacks": w.counters.get("rollbacks", 0), "settings": {k: str(v) for k, v in overrides.items()}}
+               "rollbacks": w.counters.get("rollbacks", 0), "settings": {k: str(v) for k, v in overrides.items()},
+               # Settings also read CASCADE_* from the environment: record what was there, and the threads.
+               "environment": {k: v for k, v in os.environ.items() if k.startswith("CASCADE_")},
+               "precision": s.precision, "threads": torch.get_num_threads()}
         w.close()
     return out
 

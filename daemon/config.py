@@ -47,6 +47,8 @@ class Settings(BaseSettings):
 
     # -- keeping what it knew --------------------------------------------------------------------
     replay_ratio: float = Field(0.4, ge=0.0, lt=1.0, description="share of each batch drawn from replay")
+    replay_weight: float = Field(1.0, ge=0.0, le=1.0, description="a replayed row's weight in the task loss, "
+                                 "relative to a new row's (1 = every row alike)")
     replay_capacity: int = Field(2000, ge=0, le=10_000_000)
     replay_max_bytes: int = Field(64 << 20, ge=0)
     constraints: str = Field("replay,distill,clip", description="'none' or a comma list of " + ",".join(sorted(ALL_CONSTRAINTS)))
@@ -209,6 +211,7 @@ class Settings(BaseSettings):
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(lora_rank=self.lora_rank, learning_rate=self.learning_rate, batch_size=self.batch_size,
                             max_seq_len=self.max_seq_len, replay_ratio=self.replay_ratio,
+                            replay_weight=self.replay_weight,
                             constraints=self.constraint_set, anchor_weight=self.anchor_weight,
                             distill_weight=self.distill_weight, max_grad_norm=self.max_grad_norm,
                             max_update_scale=self.max_update_scale, bf16=self.precision == "bf16", device=self.resolved_device(),

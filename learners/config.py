@@ -18,6 +18,7 @@ class UpdateConfig:
     batch_size: int = 8
     max_seq_len: int = 256
     replay_ratio: float = 0.5
+    replay_weight: float = 1.0  # a replayed row's share of the task loss relative to a new row's
     constraints: frozenset[str] = field(default_factory=lambda: ALL_CONSTRAINTS)
     anchor_weight: float = 1.0
     distill_weight: float = 0.5

@@ -3,7 +3,9 @@
 One call to :meth:`ContinualLearner.step` is one optimizer step on a batch that mixes new
 interactions with replayed ones. The loss, read top to bottom:
 
-    task     = mean over examples of  w_i * loss_i      (reward-weighted, see ``example_losses``)
+    task     = weighted mean over rows of loss_i   (reward-weighted, see ``example_losses``; a replayed
+               row counts ``replay_weight`` of a new row, so replay can steady the update without
+               diluting what the new rows teach)
     anchor   = sum ||theta - theta_accepted||^2          ("anchor": L2 toward the last accepted adapter)
     distill  = KL(p_generation || p_adapted) on replayed rows   ("distill": keep old behaviour)
     loss     = task + anchor_weight * anchor + distill_weight * distill
@@ -170,7 +172,9 @@ class ContinualLearner:
         batch = collate(self.tokenizer, rows, cfg.max_seq_len, cfg.device)
         with autocast(cfg.device, cfg.bf16):
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        task = example_losses(logits, batch).mean()
+        row_weight = torch.ones(len(rows), device=logits.device)
+        row_weight[len(new):] = cfg.replay_weight
+        task = (example_losses(logits, batch) * row_weight).sum() / row_weight.sum().clamp(min=1e-8)
         loss = task
 
         anchor = torch.zeros((), device=loss.device)

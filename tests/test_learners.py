@@ -84,6 +84,21 @@ def test_distillation_keeps_replayed_outputs_near_the_generation(tiny_model, tok
     assert kl_from_generation(frozenset({"distill"})) < 0.8 * kl_from_generation(frozenset())
 
 
+def test_replay_weight_sets_a_replayed_rows_share_of_the_task_loss(tiny_model, tok):
+    def task_loss(weight, replay):
+        torch.manual_seed(0)
+        return make(tiny_model, tok, constraints=frozenset(), replay_weight=weight).step(DATA[:2], replay).task_loss
+
+    new_only = task_loss(1.0, ())
+    with torch.no_grad():  # each row's loss, as the step measures it before it moves the adapter
+        L = make(tiny_model, tok, constraints=frozenset())
+        per_row = [L.evaluate([ex]) for ex in DATA[:2] + OTHER[:2]]
+    assert task_loss(0.0, OTHER[:2]) == pytest.approx(new_only, rel=1e-5)  # replayed rows carry nothing
+    assert task_loss(1.0, OTHER[:2]) == pytest.approx(sum(per_row) / 4, rel=1e-4)  # every row alike
+    half = (per_row[0] + per_row[1] + 0.5 * (per_row[2] + per_row[3])) / 3
+    assert task_loss(0.5, OTHER[:2]) == pytest.approx(half, rel=1e-4)
+
+
 def test_step_reports_the_terms_that_are_on(tiny_model, tok):
     L = make(tiny_model, tok)
     L.step(DATA[:2], OTHER[:2])
