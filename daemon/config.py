@@ -47,7 +47,7 @@ class Settings(BaseSettings):
 
     # -- keeping what it knew --------------------------------------------------------------------
     replay_ratio: float = Field(0.4, ge=0.0, lt=1.0, description="share of each batch drawn from replay")
-    replay_weight: float = Field(1.0, ge=0.0, le=1.0, description="a replayed row's weight in the task loss, "
+    replay_weight: float = Field(0.5, ge=0.0, le=1.0, description="a replayed row's weight in the task loss, "
                                  "relative to a new row's (1 = every row alike)")
     replay_capacity: int = Field(2000, ge=0, le=10_000_000)
     replay_max_bytes: int = Field(64 << 20, ge=0)
