@@ -173,8 +173,9 @@ def main(argv=None) -> int:
     doc = {"domains": DOMAINS, "per_stage": per_stage, "heldout_per_domain": heldout, "max_seq_len": seq,
            "new_per_step": NEW_PER_STEP, "foundation_loss": [base[d] for d in DOMAINS], "configs": {}}
     suffix = "-quick" if args.quick else ""
-    if args.update and (RESULTS / f"continual{suffix}.json").exists():
-        doc["configs"] = json.loads((RESULTS / f"continual{suffix}.json").read_text())["configs"]
+    path = RESULTS / f"continual{suffix}.json"
+    if args.update and path.exists():
+        doc["configs"] = json.loads(path.read_text())["configs"]
     for name in args.configs.split(","):
         print(f"running {name}", flush=True)
         if name.startswith("avalanche"):
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         doc["configs"][name] = res
         res["settings"] = {k: str(v) for k, v in res["settings"].items()}
         print(f"  {name}: {json.dumps(res['summary'])}", flush=True)
-        write_json(f"continual{suffix}.json", doc)  # after every configuration: a long run keeps what it has
+        write_json(path.name, doc)  # after every configuration: a long run keeps what it has
         plot(doc, RESULTS / f"continual{suffix}.png")
     print_table(doc)
     return 0

@@ -90,9 +90,8 @@ def test_replay_weight_sets_a_replayed_rows_share_of_the_task_loss(tiny_model, t
         return make(tiny_model, tok, constraints=frozenset(), replay_weight=weight).step(DATA[:2], replay).task_loss
 
     new_only = task_loss(1.0, ())
-    with torch.no_grad():  # each row's loss, as the step measures it before it moves the adapter
-        L = make(tiny_model, tok, constraints=frozenset())
-        per_row = [L.evaluate([ex]) for ex in DATA[:2] + OTHER[:2]]
+    L = make(tiny_model, tok, constraints=frozenset())  # each row's loss, as the step measures it before it moves
+    per_row = [L.evaluate([ex]) for ex in DATA[:2] + OTHER[:2]]
     assert task_loss(0.0, OTHER[:2]) == pytest.approx(new_only, rel=1e-5)  # replayed rows carry nothing
     assert task_loss(1.0, OTHER[:2]) == pytest.approx(sum(per_row) / 4, rel=1e-4)  # every row alike
     half = (per_row[0] + per_row[1] + 0.5 * (per_row[2] + per_row[3])) / 3
