@@ -32,6 +32,10 @@ from daemon.stream import connect, redact_url
 
 log = logging.getLogger("cascade.daemon")
 MAX_LEARN_ATTEMPTS = 3
+# Pauses between tries to join the cluster at CASCADE_RAY_ADDRESS when it refuses or does not answer (each
+# try itself waits up to ~30 s for Ray Client): a cluster that is still starting, or a Ray Client server
+# whose per-client process failed to start, gets four tries before the daemon gives up and exits 1.
+JOIN_CLUSTER_PAUSES_S = (2, 5, 10)
 
 
 def package_version() -> str:
@@ -112,6 +116,21 @@ class Daemon:
         gc.freeze()  # what start loaded lives as long as the daemon: the collector need not rescan it
         return self
 
+    def _join_cluster(self, runtime_env: dict) -> None:
+        import ray
+
+        for pause in (*JOIN_CLUSTER_PAUSES_S, None):
+            try:
+                ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
+                return
+            except ConnectionError as e:
+                if pause is None:
+                    raise
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                log.warning("could not join the Ray cluster at %s (%s); trying again in %d s",
+                            self.s.ray_address, reason, pause)
+                time.sleep(pause)
+
     def _start_ray(self) -> None:
         if not self.s.ray_address:
             # Ray reads its settings when it is first imported, so they are set before `import ray`.
@@ -123,7 +142,7 @@ class Daemon:
         if ray.is_initialized():
             return
         if self.s.ray_address:
-            ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
+            self._join_cluster(runtime_env)
         else:
             # address="local": always a Ray of the daemon's own, never a `ray start` cluster that happens
             # to run on this machine (or RAY_ADDRESS) with other code and other credentials.

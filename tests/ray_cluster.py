@@ -6,6 +6,8 @@ loopback. ``ray start --address`` cannot be used for this on loopback: it refuse
 while ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the setting that keeps Ray on 127.0.0.1), and without it
 it rewrites 127.0.0.1 into the machine's external address.
 
+``python -m tests.ray_cluster PORT`` puts the head's Ray Client server on PORT (default: a free port).
+
 Protocol: one JSON line on stdout per command read from stdin.
   start (no command)  {"address": GCS address, "client_address": "ray://..." (Ray Client), "worker": node id}
   remove-worker       {"removed": node id}      the worker node's processes are killed, as by `ray stop` there
@@ -42,7 +44,8 @@ def free_port() -> int:
 
 def main() -> None:
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    client_port = free_port()
+    client_port = int(sys.argv[1]) if len(sys.argv) > 1 else free_port()
+    os.makedirs("/tmp/ray", exist_ok=True)  # the harness records the head's address there and assumes it exists
     cluster = Cluster(initialize_head=True, head_node_args={
         **NODE, "num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False, "temp_dir": temp_dir,
         "ray_client_server_port": client_port})

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import redis
 
-from tests.conftest import settings_env, wait_drained
+from tests.conftest import free_port, settings_env, wait_drained
 
 STREAM, GROUP = "cascade:interactions", "cascade"
 
@@ -22,9 +22,10 @@ STREAM, GROUP = "cascade:interactions", "cascade"
 class RayCluster:
     """``python -m tests.ray_cluster``: a head and a worker node, driven through its stdin."""
 
-    def __init__(self, log) -> None:
+    def __init__(self, log, client_port: int | None = None) -> None:
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster"], stdin=subprocess.PIPE,
+        port = [] if client_port is None else [str(client_port)]
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster", *port], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
                                      start_new_session=True)
         started = self._reply()
@@ -87,13 +88,14 @@ def publish(r: redis.Redis, numbers: range) -> None:
         r.xadd(STREAM, {"prompt": f"Item {i} is", "response": f" number {i % 3}."})
 
 
-def start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, ray_address: str):
+def start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, ray_address: str, wait: bool = True):
     """A daemon joining the cluster; learners declare 2 CPUs, which only the worker node has (the head
     has 1), as on KubeRay's head."""
     env = settings_env(tmp_path / "home", tiny_model, redis_url, ray_address=ray_address, learner_cpus=2)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     d = daemon_factory(env)
-    d.wait_healthy()
+    if wait:
+        d.wait_healthy()
     return d, redis.Redis.from_url(redis_url)
 
 
@@ -131,13 +133,22 @@ def test_learner_runs_on_the_worker_node_and_the_daemon_survives_losing_it(tmp_p
     assert d.terminate() == 0
 
 
-def test_daemon_drives_the_cluster_through_ray_client(tmp_path, tiny_model, redis_url, daemon_factory, ray_cluster):
-    """As deploy/kuberay/cascade.yaml runs it: the daemon outside the cluster, CASCADE_RAY_ADDRESS=ray://..."""
-    d, r = start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, ray_cluster.client_address)
-    publish(r, range(16))
-    wait_drained(r, STREAM, GROUP, proc=d)
-    actors, _ = ray_cluster.actors()
-    assert actors["LearnerActor"]["node"] == ray_cluster.worker and actors["LearnerActor"]["state"] == "ALIVE"
-    state = json.loads((tmp_path / "home/registry/main/live/state.json").read_text())
-    assert state["interactions_learned"] > 0 and state["update_steps"] > 0
-    assert d.terminate() == 0
+def test_daemon_drives_the_cluster_through_ray_client(tmp_path, tiny_model, redis_url, daemon_factory):
+    """As deploy/kuberay/cascade.yaml runs it: the daemon outside the cluster, CASCADE_RAY_ADDRESS=ray://...,
+    started before the cluster answers (as a pod may be): it tries again until the cluster is up."""
+    port = free_port()
+    d, r = start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, f"ray://127.0.0.1:{port}", wait=False)
+    wait_for(lambda: "could not join the Ray cluster" in d.log.read_text(), "the daemon's first failed try", 120)
+    assert d.proc.poll() is None
+    ray_cluster = RayCluster(tmp_path / "ray-cluster.log", client_port=port)
+    try:
+        d.wait_healthy()
+        publish(r, range(16))
+        wait_drained(r, STREAM, GROUP, proc=d)
+        actors, _ = ray_cluster.actors()
+        assert actors["LearnerActor"]["node"] == ray_cluster.worker and actors["LearnerActor"]["state"] == "ALIVE"
+        state = json.loads((tmp_path / "home/registry/main/live/state.json").read_text())
+        assert state["interactions_learned"] > 0 and state["update_steps"] > 0
+        assert d.terminate() == 0
+    finally:
+        ray_cluster.shutdown()
