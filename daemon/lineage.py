@@ -313,7 +313,9 @@ class LineageWorker:
         t0 = time.perf_counter()
         s, policy = self.s, self.s.reduction_policy()
         parent = self.generation
-        calib = (self.replay.all() + list(self.recent))[-s.calibration_items:]
+        # Everything this lineage keeps of its own data (recent items are usually in replay too).
+        kept = list({ex.id: ex for ex in self.replay.all() + list(self.recent)}.values())
+        calib = kept[-s.calibration_items:]  # scored for importance and the allocation; healing uses all of it
         heldout = {d: v for d, v in self.heldout.items() if v}
         gate_sets = heldout or ({"calibration": calib} if calib else {})
         if not calib:
@@ -350,7 +352,7 @@ class LineageWorker:
                 if i == n or i % max(1, n // 5) == 0:
                     log.info("lineage %s: healing keep=%.2f step %d/%d kl=%.4f", self.lineage, keep, i, n, loss)
 
-            kl = heal(student, teacher, calib, self.tokenizer, s.max_seq_len, s.heal_steps, bf16=bf16,
+            kl = heal(student, teacher, kept, self.tokenizer, s.max_seq_len, s.heal_steps, bf16=bf16,
                       progress=progress)
             ppl_after = ppl(student)
             ok, worst = policy.passes(ppl_before, ppl_after)
@@ -390,6 +392,7 @@ class LineageWorker:
                 "importance": "activations on the lineage's replay + recent data: MLP neuron RMS x down_proj column "
                               "norm, KV group RMS head output, block 1 - cos(input, output)",
                 "calibration_items": len(calib),
+                "heal_items": len(kept),
                 "pruned": {"mlp_intermediate": [shape.intermediate, plan.intermediate],
                            "attention_heads": [shape.heads, plan.heads], "kv_heads": [shape.kv_heads, plan.kv_heads],
                            "layers": [shape.layers, plan.layers]},

@@ -105,6 +105,8 @@ def test_learn_reduce_and_observe(tmp_path, tiny_model, redis_url, daemon_factor
         assert key in card
     assert card["n_params"] == gen1.num_parameters() and card["generation"] == 1
     assert card["reduction"]["n_params_before"] > card["reduction"]["n_params_after"]
+    # Importance is scored on the last CASCADE_CALIBRATION_ITEMS; healing distils on everything learned.
+    assert card["reduction"]["calibration_items"] == 64 < card["reduction"]["heal_items"] == state["interactions_learned"]
     first_try = card["reduction"]["gate"]["tries"][0]
     assert len(first_try["candidates"]) >= 2 and first_try["plan"] in first_try["candidates"]
     kept_layers = card["reduction"]["pruned"]["layers"][1]
