@@ -40,12 +40,12 @@ LEARNING_RATE = 2e-3
 REPLAYED_PER_STEP = 3  # default's batch: NEW_PER_STEP new + round(0.4 * 7) = 3 replayed rows
 
 
-def load_data(per_stage: int, heldout: int, seed: int = 0) -> tuple[dict, dict]:
+def load_data(per_stage: int, heldout: int, seed: int = 0, domains: list[str] = DOMAINS) -> tuple[dict, dict]:
     from daemon.corpus import SOURCES, interactions
     from learners.data import Example
 
     train, held = {}, {}
-    for d in DOMAINS:
+    for d in domains:
         docs = SOURCES[d](per_stage // 3 + heldout // 3 + 8, seed)
         n_held_docs = max(2, heldout // 3 + 1)
         h_docs, t_docs = docs[:n_held_docs], docs[n_held_docs:]
