@@ -313,9 +313,10 @@ class LineageWorker:
         t0 = time.perf_counter()
         s, policy = self.s, self.s.reduction_policy()
         parent = self.generation
-        # Everything this lineage keeps of its own data (recent items are usually in replay too).
-        kept = list({ex.id: ex for ex in self.replay.all() + list(self.recent)}.values())
-        calib = kept[-s.calibration_items:]  # scored for importance and the allocation; healing uses all of it
+        both = self.replay.all() + list(self.recent)
+        calib = both[-s.calibration_items:]  # the latest: scored for importance and the allocation
+        # Healed on: everything this lineage keeps of its own data (recent items are usually in replay too).
+        kept = list({ex.id: ex for ex in both}.values())
         heldout = {d: v for d, v in self.heldout.items() if v}
         gate_sets = heldout or ({"calibration": calib} if calib else {})
         if not calib:
