@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.common import foundation, ppl, write_json
-from bench.reduction import load_data, specialize
+from bench.reduction import choose_plan, load_data, specialize
 
 
 def load_or_build(path: str | None, pool: int) -> dict:
@@ -48,10 +48,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from learners.data import model_device
     from learners.reduction import activation_importance, heal, prune
     from learners.update import evaluate_loss
-    from policies.reduction import ModelShape, plan_candidates
 
     seq = 128
     base = foundation()
@@ -64,11 +62,8 @@ def main(argv=None) -> int:
     pools = {"calibration (48)": data["calib"], f"pool ({len(data['train'][128:])})": data["train"][128:]}
     target = lambda m: ppl(evaluate_loss(m, tok, data["held"], seq))  # noqa: E731
     imp = activation_importance(spec, data["calib"], tok, seq)
-    probe = data["calib"][:24]
-    plans = [(evaluate_loss(prune(spec, imp, p.intermediate, p.kv_heads, p.layers), tok, probe, seq), p)
-             for p in plan_candidates(ModelShape.of(spec.config), args.keep)]
-    plan = min(plans, key=lambda c: c[0])[1]
-    doc = {"keep": args.keep, "plan": plan.label, "device": str(model_device(spec)),
+    plan, _ = choose_plan(spec, imp, tok, data["calib"], seq, args.keep)
+    doc = {"keep": args.keep, "plan": plan.label, "device": device,
            "machine": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": args.batch,
            "unpruned_ppl": target(spec), "runs": []}
     print(f"unpruned {doc['unpruned_ppl']:.2f}, plan {plan.label}", flush=True)

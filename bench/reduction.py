@@ -136,23 +136,30 @@ def measure_speed(spec, student, tok, examples, seq: int, student_dir: Path, rep
             "unpruned_peak_rss": peak_rss(student_dir.parent / "specialized", seq, threads)}
 
 
+def choose_plan(spec, importance, tok, calib, seq: int, keep: float):
+    """The allocation of ``keep`` the daemon would choose: the lowest loss, right after pruning, on half the
+    calibration items; returns it and every candidate as (loss, plan)."""
+    from learners.reduction import prune
+    from learners.update import evaluate_loss
+    from policies.reduction import ModelShape, plan_candidates
+
+    probe = calib[: len(calib) // 2]
+    candidates = []
+    for plan in plan_candidates(ModelShape.of(spec.config), keep):
+        student = prune(spec, importance, plan.intermediate, plan.kv_heads, plan.layers)
+        candidates.append((evaluate_loss(student, tok, probe, seq), plan))
+        del student
+    return min(candidates, key=lambda c: c[0])[1], candidates
+
+
 def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work: Path, eval_fn) -> dict:
     from learners.reduction import (activation_importance, count_parameters, heal, magnitude_importance, prune,
                                     random_importance)
-    from learners.update import evaluate_loss
-    from policies.reduction import ModelShape, plan_candidates
 
     imps = {"activation-target": activation_importance(spec, data["calib"], tok, seq),
             "activation-other": activation_importance(spec, data["other_calib"], tok, seq),
             "magnitude": magnitude_importance(spec), "random": random_importance(spec)}
-    shape = ModelShape.of(spec.config)
-    probe = data["calib"][: len(data["calib"]) // 2]
-    candidates = []
-    for plan in plan_candidates(shape, keep):
-        student = prune(spec, imps["activation-target"], plan.intermediate, plan.kv_heads, plan.layers)
-        candidates.append((evaluate_loss(student, tok, probe, seq), plan))
-        del student
-    _, plan = min(candidates, key=lambda c: c[0])
+    plan, candidates = choose_plan(spec, imps["activation-target"], tok, data["calib"], seq, keep)
     print(f"keep {keep}: allocations " + ", ".join(f"{p.label}={l:.3f}" for l, p in candidates)
           + f" -> {plan.label}", flush=True)
     out = {"plan": plan.label, "keep_achieved": plan.keep_achieved,
