@@ -4,10 +4,13 @@
    reduction starts from, as in the daemon).
 2. For each keep ratio, the allocation (MLP width / KV groups / depth) is chosen as the daemon does
    (lowest calibration loss among ``plan_candidates``), then the same shape is pruned with four
-   importance scores: activations on the target domain (the method), activations on another domain
-   (man pages), weight magnitude, random. Each is healed by distillation from the specialized model on
-   target data for the same steps. Perplexity on target and other held-out documents before and after
-   healing, parameters and safetensors bytes are recorded.
+   importance scores: activations on the target domain (the method: the lineage's own 176 items, as the
+   daemon's calibration set), activations on as many items of another domain (man pages), weight
+   magnitude, random. The two calibrated ones are refitted by least squares and reconstructed block by
+   block on their calibration data (the data-free baselines have none). Each is then healed by
+   distillation from the specialized model on the target items for the same steps. Perplexity on target
+   and other held-out documents after pruning, reconstruction and healing, parameters and safetensors
+   bytes are recorded.
 3. Speed and memory, side by side: CPU forward tokens/s of each keep's activation-pruned model against
    the unpruned specialized model (interleaved repetitions, median), and peak RSS of a fresh process
    that loads the checkpoint and runs the same forward.
@@ -57,11 +60,12 @@ def load_data(n_train: int, n_calib: int, n_held: int, seed: int = 0) -> dict:
                 for i, r in enumerate(recs)]
 
     t_held, t_rest = records(TARGET, (n_train + n_calib + n_held) // 3 + 8)
-    o_held, o_rest = records(OTHER, (n_calib + n_held) // 3 + 8)
-    assert len(t_rest) >= n_train + n_calib and len(o_rest) >= n_calib, "not enough text found on this machine"
+    o_held, o_rest = records(OTHER, (n_train + n_calib + n_held) // 3 + 8)
+    n_own = n_train + n_calib  # the other domain calibrates on as many items as the target's own
+    assert len(t_rest) >= n_own and len(o_rest) >= n_own, "not enough text found on this machine"
     return {"train_records": t_rest[:n_train], "train": ex(t_rest[:n_train], "train"),
-            "calib": ex(t_rest[n_train:n_train + n_calib], "calib"), "held": ex(t_held, "held"),
-            "other_calib": ex(o_rest[:n_calib], "ocalib"), "other_held": ex(o_held, "oheld")}
+            "calib": ex(t_rest[n_train:n_own], "calib"), "held": ex(t_held, "held"),
+            "other_calib": ex(o_rest[:n_own], "ocalib"), "other_held": ex(o_held, "oheld")}
 
 
 def specialize(base: Path, tok, data: dict, steps: int, seq: int):
@@ -153,11 +157,12 @@ def choose_plan(spec, importance, tok, calib, seq: int, keep: float):
 
 
 def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work: Path, eval_fn) -> dict:
-    from learners.reduction import (activation_importance, count_parameters, heal, magnitude_importance, prune,
-                                    random_importance)
+    from learners.reduction import (activation_importance, count_parameters, heal, kept_blocks, magnitude_importance,
+                                    prune, random_importance, reconstruct)
 
-    imps = {"activation-target": activation_importance(spec, data["calib"], tok, seq),
-            "activation-other": activation_importance(spec, data["other_calib"], tok, seq),
+    own = data["train"] + data["calib"]  # what the lineage has seen: the daemon's calibration and healing data
+    calibration = {"activation-target": own, "activation-other": data["other_calib"]}
+    imps = {**{m: activation_importance(spec, d, tok, seq) for m, d in calibration.items()},
             "magnitude": magnitude_importance(spec), "random": random_importance(spec)}
     plan, candidates = choose_plan(spec, imps["activation-target"], tok, data["calib"], seq, keep)
     print(f"keep {keep}: allocations " + ", ".join(f"{p.label}={l:.3f}" for l, p in candidates)
@@ -165,19 +170,23 @@ def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work
     out = {"plan": plan.label, "keep_achieved": plan.keep_achieved,
            "candidates": {p.label: loss for loss, p in candidates}, "methods": {}}
     for method in METHODS:
-        student = prune(spec, imps[method], plan.intermediate, plan.kv_heads, plan.layers)
-        pruned = eval_fn(student)
         t0 = time.monotonic()
-        heal(student, spec, data["calib"], tok, seq, heal_steps, lr=1e-4, batch_size=4)
-        healed = eval_fn(student)
-        row = {"pruned": pruned, "healed": healed, "heal_seconds": time.monotonic() - t0,
-               "n_params": count_parameters(student)}
+        student = prune(spec, imps[method], plan.intermediate, plan.kv_heads, plan.layers)
+        row = {"pruned": eval_fn(student), "n_params": count_parameters(student)}
+        if method in calibration:
+            reconstruct(student, spec, kept_blocks(imps[method], plan.layers), calibration[method], tok, seq)
+            row["reconstructed"] = eval_fn(student)
+        row["reconstruct_seconds"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        heal(student, spec, own, tok, seq, heal_steps)  # the daemon's learning rate and batch
+        row["healed"], row["heal_seconds"] = eval_fn(student), time.monotonic() - t0
         if method == "activation-target":
             row["bytes"] = file_bytes(student, tok, work / f"keep{keep}")
             out["speed"] = measure_speed(spec, student, tok, data["held"][:8], seq, work / f"keep{keep}")
         out["methods"][method] = row
-        print(f"  {method}: pruned ppl target {pruned['target']:.2f} other {pruned['other']:.2f} -> healed "
-              f"{healed['target']:.2f} / {healed['other']:.2f}", flush=True)
+        steps = [row[k] for k in ("pruned", "reconstructed", "healed") if k in row]
+        print(f"  {method}: ppl target / other " + " -> ".join(f"{p['target']:.2f} / {p['other']:.2f}" for p in steps),
+              flush=True)
         del student
     return out
 

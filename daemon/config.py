@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     reduce_keep: float = Field(0.7, gt=0, le=1, description="share of non-embedding parameters a reduction keeps")
     reduce_budget: float = Field(1.15, ge=1, description="allowed held-out perplexity ratio after/before reduction")
     heal_steps: int = Field(20, ge=0, le=100_000)
-    calibration_items: int = Field(64, ge=1, le=100_000, description="latest examples scored for importance and the "
-                                    "allocation (healing distils on all replay + recent data)")
+    calibration_items: int = Field(256, ge=1, le=100_000, description="latest examples scored for importance, the "
+                                    "allocation and the least-squares reconstruction (healing distils on all replay + "
+                                    "recent data)")
 
     # -- the service -----------------------------------------------------------------------------
     max_entry_bytes: int = Field(64 * 1024, ge=256, le=64 << 20)

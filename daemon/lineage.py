@@ -37,7 +37,8 @@ from daemon.reports import LearnReport, ReductionReport
 from daemon.schema import Interaction
 from learners.data import Example, chunks
 from learners.meta import ReptileConfig, reptile
-from learners.reduction import activation_importance, count_parameters, heal, merge_adapter, prune
+from learners.reduction import (activation_importance, count_parameters, heal, kept_blocks, merge_adapter, prune,
+                               reconstruct)
 from learners.replay import ReplayBuffer
 from learners.update import ContinualLearner, evaluate_loss
 from policies.gate import forgetting, judge_update
@@ -348,6 +349,9 @@ class LineageWorker:
                      {p.label: round(l, 3) for l, p in candidates}, plan.label)
             student = prune(teacher, importance, plan.intermediate, plan.kv_heads, plan.layers)
             ppl_pruned = ppl(student)
+            reconstruct(student, teacher, kept_blocks(importance, plan.layers), calib, self.tokenizer, s.max_seq_len,
+                        s.batch_size)
+            ppl_reconstructed = ppl(student)
 
             def progress(i, n, loss, keep=keep):
                 if i == n or i % max(1, n // 5) == 0:
@@ -360,7 +364,7 @@ class LineageWorker:
             tries.append({"keep_target": keep, "keep_achieved": round(plan.keep_achieved, 4), "plan": plan.label,
                           "candidates": {p.label: round(l, 4) for l, p in candidates},
                           "mlp_intermediate": plan.intermediate, "kv_heads": plan.kv_heads, "layers": plan.layers,
-                          "ppl_pruned": ppl_pruned, "ppl_healed": ppl_after,
+                          "ppl_pruned": ppl_pruned, "ppl_reconstructed": ppl_reconstructed, "ppl_healed": ppl_after,
                           "worst_ratio": worst, "passed": ok, "heal_final_kl": kl[-1] if kl else None})
             log.info("lineage %s: keep %.2f -> worst held-out ppl ratio %.3f (%s)", self.lineage, keep, worst,
                      "pass" if ok else "fail")
@@ -392,6 +396,8 @@ class LineageWorker:
                 "merged_adapter": {"rank": s.lora_rank, "update_steps": self.counters["update_steps"]},
                 "importance": "activations on the lineage's replay + recent data: MLP neuron RMS x down_proj column "
                               "norm, KV group RMS head output, block 1 - cos(input, output)",
+                "reconstruction": "down_proj / o_proj refitted by least squares to the unpruned outputs, then block "
+                                  "by block to the parent's residual stream, on the calibration items",
                 "calibration_items": len(calib),
                 "heal_items": len(kept),
                 "pruned": {"mlp_intermediate": [shape.intermediate, plan.intermediate],

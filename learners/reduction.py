@@ -11,6 +11,13 @@ SmolLM2 specialized to Python, removing 27% of MLP neurons raised held-out perpl
 score and 1.51x with ``mean |a_j|`` in its place). Weight magnitude alone is a poor guide on real
 models (a layer's most active neuron often has among the smallest weights), so scores come from
 activations on calibration data; ``magnitude_importance`` and ``random_importance`` are the baselines.
+
+Pruning then *reconstructs* what it removed, as far as the kept parts can express it: the same pass
+that scores the neurons records the Gram matrix of the inputs of every ``down_proj`` and ``o_proj``,
+and each pruned layer's ``down_proj`` (``o_proj``) is refitted by ridge least squares so that its
+output on the kept neurons (heads) matches the unpruned layer's output on all of them. Measured on
+SmolLM2 specialized to Python at keep 0.6 (width only), before any healing: held-out perplexity 35.4
+without, 19.1 with (unpruned 13.05). Data-free baselines carry no Gram matrices and are not refitted.
 """
 from __future__ import annotations
 
@@ -68,6 +75,10 @@ class Importance:
     kv_groups: torch.Tensor
     layers: torch.Tensor
     method: str
+    # Per layer, sum over calibration tokens of x x^T for x the input of down_proj [I, I] / o_proj
+    # [H*d, H*d] (fp32, on the CPU: 283 MB for SmolLM2-135M); None for data-free scores.
+    mlp_gram: list[torch.Tensor] | None = None
+    attn_gram: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
@@ -85,7 +96,9 @@ def activation_importance(model, examples: Sequence[Example], tokenizer, max_seq
     device = model_device(model)
     n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    neuron_sq = [torch.zeros(l.mlp.down_proj.in_features, device=device) for l in layers]
+    mlp_gram = [torch.zeros(l.mlp.down_proj.in_features, l.mlp.down_proj.in_features, device=device) for l in layers]
+    attn_gram = [torch.zeros(l.self_attn.o_proj.in_features, l.self_attn.o_proj.in_features, device=device)
+                 for l in layers]
     head_sq = [torch.zeros(n_heads, device=device) for _ in layers]
     turn = torch.zeros(len(layers), device=device)
     count = torch.zeros((), device=device)
@@ -93,9 +106,8 @@ def activation_importance(model, examples: Sequence[Example], tokenizer, max_seq
 
     def on_down(i):
         def fn(_module, args):
-            a = args[0].float()  # [B, T, I]
-            m = mask_holder["m"].unsqueeze(-1)
-            neuron_sq[i].add_((a * a * m).sum(dim=(0, 1)))
+            a = args[0].float()[mask_holder["m"].bool()]  # [tokens, I]
+            mlp_gram[i].addmm_(a.T, a)
         return fn
 
     def on_o(i):
@@ -105,6 +117,8 @@ def activation_importance(model, examples: Sequence[Example], tokenizer, max_seq
             w = module.weight.float().view(module.out_features, n_heads, head_dim)  # [hidden, H, d]
             out = torch.einsum("bthd,ohd->btho", a.view(B, T, n_heads, head_dim), w)  # per-head output
             head_sq[i].add_((out.pow(2).sum(-1) * mask_holder["m"].unsqueeze(-1)).sum(dim=(0, 1)))
+            x = a[mask_holder["m"].bool()]
+            attn_gram[i].addmm_(x.T, x)
         return fn
 
     def on_block(i):
@@ -131,11 +145,12 @@ def activation_importance(model, examples: Sequence[Example], tokenizer, max_seq
         for h in handles:
             h.remove()
     n = count.clamp(min=1)
-    neurons = torch.stack([(neuron_sq[i] / n).sqrt() * l.mlp.down_proj.weight.float().norm(dim=0)
-                           for i, l in enumerate(layers)])
+    neurons = torch.stack([(g.diagonal() / n).sqrt() * l.mlp.down_proj.weight.float().norm(dim=0)
+                           for g, l in zip(mlp_gram, layers)])
     heads = torch.stack([(h / n).sqrt() for h in head_sq])  # [L, H]
     kv_groups = heads.view(len(layers), n_kv, n_heads // n_kv).sum(-1)
-    return Importance(neurons.cpu(), kv_groups.cpu(), (turn / n).cpu(), "activation")
+    return Importance(neurons.cpu(), kv_groups.cpu(), (turn / n).cpu(), "activation",
+                      [g.cpu() for g in mlp_gram], [g.cpu() for g in attn_gram])
 
 
 @torch.no_grad()
@@ -169,13 +184,39 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
 
+RIDGE = 1e-4  # least-squares damping, relative to the mean diagonal of the kept Gram block
+
+
+def _ridge(gram: torch.Tensor, cross: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """argmin_V sum |y - V x|^2 + damping |V|^2 from gram = sum x x^T [K, K] and cross = sum x y^T [K, out]:
+    V = cross^T (gram + damping I)^-1, returned [out, K] in fp32."""
+    g = gram.to(torch.float64)
+    damping = ridge * float(g.diagonal().mean()) + 1e-12
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    return torch.linalg.solve(g + damping * eye, cross.to(torch.float64)).T.to(torch.float32)
+
+
+def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """The columns for the ``kept`` inputs of ``weight`` [out, in] that best reproduce, on the data
+    whose input Gram matrix is ``gram`` [in, in], the output of the whole layer (W x ~ V x_kept)."""
+    g = gram.to(torch.float64)
+    return _ridge(g[kept][:, kept], g[kept] @ weight.to(torch.float64).T, ridge).to(weight.dtype)
+
+
+def kept_blocks(importance: Importance, layers: int) -> list[int]:
+    """The teacher's decoder blocks that a prune to ``layers`` blocks keeps, in order."""
+    return _top(importance.layers, layers).tolist()
+
+
 @torch.no_grad()
 def prune(model, importance: Importance, intermediate: int, kv_heads: int | None = None,
           layers: int | None = None) -> LlamaForCausalLM:
     """A new dense model with the highest-scoring ``layers`` blocks and, in every kept block, the
     ``kv_heads`` best KV groups (with their query heads) and ``intermediate`` best MLP neurons.
 
-    The same counts in every block keep the result a standard ``LlamaConfig``.
+    The same counts in every block keep the result a standard ``LlamaConfig``. When ``importance``
+    carries Gram matrices, each kept block's ``down_proj`` and ``o_proj`` are refitted (``refit``) to
+    make up for what was removed from their inputs.
     """
     cfg: LlamaConfig = copy.deepcopy(model.config)
     n_heads, n_kv, n_layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
@@ -188,7 +229,7 @@ def prune(model, importance: Importance, intermediate: int, kv_heads: int | None
     cfg.head_dim = head_dim  # no longer hidden_size / heads once heads go
     cfg.intermediate_size, cfg.num_key_value_heads = int(intermediate), kv_heads
     cfg.num_attention_heads, cfg.num_hidden_layers = kv_heads * per_group, layers
-    kept_layers = _top(importance.layers, layers).tolist()
+    kept_layers = kept_blocks(importance, layers)
 
     def rows(groups: torch.Tensor, size: int) -> torch.Tensor:  # feature indices of whole groups
         return (groups.unsqueeze(1) * size + torch.arange(size)).flatten()
@@ -211,7 +252,10 @@ def prune(model, importance: Importance, intermediate: int, kv_heads: int | None
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix):]
-            if rest in pick:
+            grams = {"mlp.down_proj.weight": importance.mlp_gram, "self_attn.o_proj.weight": importance.attn_gram}
+            if grams.get(rest) is not None and len(pick[rest][1]) < t.shape[1]:
+                t = refit(t.cpu(), grams[rest][old_i], pick[rest][1]).to(t.device)
+            elif rest in pick:
                 dim, idx = pick[rest]
                 t = t.index_select(dim, idx.to(t.device))
             new_state[f"model.layers.{new_i}.{rest}"] = t.clone()
@@ -224,6 +268,91 @@ def prune(model, importance: Importance, intermediate: int, kv_heads: int | None
         small.tie_weights()
     small.generation_config = copy.deepcopy(model.generation_config)
     return small
+
+
+class _Stop(Exception):
+    pass
+
+
+def _out(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def reconstruct(student, teacher, blocks: Sequence[int], examples: Sequence[Example], tokenizer, max_seq_len: int,
+                batch_size: int = 8, ridge: float = RIDGE) -> None:
+    """Refit, block by block, each pruned block's ``o_proj`` and ``down_proj`` (in place) so that the
+    student's residual stream follows the teacher's on ``examples``.
+
+    ``blocks[j]`` is the teacher block that student block ``j`` was pruned from. Going down the
+    network on the student's own inputs, the attention output is fitted to bring the student's residual
+    to the teacher's after attention in that block, and the MLP output to bring it to the teacher's
+    block output: errors left by earlier blocks (and by whole blocks removed) are corrected where they
+    can be, not only the removed neurons' share (:func:`refit`, which assumes unpruned inputs).
+    Measured on SmolLM2 at keep 0.6 (Python, 176 items): held-out perplexity 18.8 after ``prune``'s
+    refit, 17.5 after this (unpruned 13.05), in about the time of three forward passes.
+    """
+    device = model_device(student)
+    states = []  # per batch: [teacher residual, student residual, layer kwargs, token mask]
+
+    def grab(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        states.append([hidden, hidden.clone(), {k: v for k, v in kwargs.items() if k != "hidden_states"}])
+        raise _Stop  # only the embeddings and the per-layer arguments (mask, rotary) are needed
+
+    handle = teacher.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        teacher.eval()
+        student.eval()
+        for part in chunks(list(examples), batch_size):
+            b = collate(tokenizer, part, max_seq_len, device)
+            try:
+                teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+            except _Stop:
+                states[-1].append(b.attention_mask.bool())
+    finally:
+        handle.remove()
+
+    def run(block, which: int, fit: torch.nn.Module | None = None, record: torch.nn.Module | None = None):
+        """Every batch through ``block`` on residual ``which``; with ``fit``, also the inputs of ``fit``
+        and the output of ``record`` (the sublayer it ends) per batch."""
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [fit.register_forward_pre_hook(lambda _m, a: seen.__setitem__("x", a[0])),
+                 record.register_forward_hook(lambda _m, _a, o: seen.__setitem__("y", _out(o)))] if fit else []
+        try:
+            for st in states:
+                out = _out(block(st[which], **st[2]))
+                yield out, seen.get("x"), seen.get("y"), st
+        finally:
+            for h in hooks:
+                h.remove()
+
+    kept = {old: new for new, old in enumerate(blocks)}
+    for i, t_block in enumerate(teacher.model.layers):
+        t_mid, t_out = [], []
+        for out, _, mlp_out, _st in run(t_block, 0, t_block.mlp, t_block.mlp):
+            t_out.append(out)
+            t_mid.append(out - mlp_out)  # the teacher's residual after attention
+        if i in kept:
+            s_block = student.model.layers[kept[i]]
+            for lin, sub in ((s_block.self_attn.o_proj, s_block.self_attn), (s_block.mlp.down_proj, s_block.mlp)):
+                gram = torch.zeros(lin.in_features, lin.in_features, device=device)
+                cross = torch.zeros(lin.in_features, lin.out_features, device=device)
+                attention = sub is s_block.self_attn
+                for k, (out, x, y, st) in enumerate(run(s_block, 1, lin, sub)):
+                    # What this sublayer should add to the student's residual to reach the teacher's.
+                    want = t_mid[k] - st[1] if attention else t_out[k] - (out - y)
+                    if lin.bias is not None:
+                        want = want - lin.bias
+                    m = st[3]
+                    x, want = x[m].float(), want[m].float()
+                    gram.addmm_(x.T, x)
+                    cross.addmm_(x.T, want)
+                lin.weight.copy_(_ridge(gram, cross, ridge).to(lin.weight.dtype))
+            for st, (out, *_rest) in zip(states, list(run(s_block, 1))):
+                st[1] = out
+        for st, out in zip(states, t_out):
+            st[0] = out
 
 
 def heal(student, teacher, examples: Sequence[Example], tokenizer, max_seq_len: int, steps: int,

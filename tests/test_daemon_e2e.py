@@ -37,7 +37,7 @@ def live_and_base_loss(home, examples):
 
 def test_learn_reduce_and_observe(tmp_path, tiny_model, redis_url, daemon_factory):
     home = tmp_path / "home"
-    env = settings_env(home, tiny_model, redis_url)
+    env = settings_env(home, tiny_model, redis_url, calibration_items=48)
     r = redis.Redis.from_url(redis_url)
     # Entries published before the daemon starts are consumed.
     for i in range(40):
@@ -105,9 +105,10 @@ def test_learn_reduce_and_observe(tmp_path, tiny_model, redis_url, daemon_factor
         assert key in card
     assert card["n_params"] == gen1.num_parameters() and card["generation"] == 1
     assert card["reduction"]["n_params_before"] > card["reduction"]["n_params_after"]
-    # Importance is scored on the last CASCADE_CALIBRATION_ITEMS; healing distils on everything learned.
-    assert card["reduction"]["calibration_items"] == 64 < card["reduction"]["heal_items"] == state["interactions_learned"]
+    # Importance and reconstruction use the last CASCADE_CALIBRATION_ITEMS; healing distils on everything learned.
+    assert card["reduction"]["calibration_items"] == 48 < card["reduction"]["heal_items"] == state["interactions_learned"]
     first_try = card["reduction"]["gate"]["tries"][0]
+    assert set(first_try["ppl_reconstructed"]) == set(first_try["ppl_healed"]) == set(first_try["ppl_pruned"])
     assert len(first_try["candidates"]) >= 2 and first_try["plan"] in first_try["candidates"]
     kept_layers = card["reduction"]["pruned"]["layers"][1]
     assert gen1.config.num_hidden_layers == kept_layers == first_try["layers"]

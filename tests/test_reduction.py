@@ -1,13 +1,15 @@
 """Merge, importance, structured pruning and healing on a tiny Llama."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners.data import Example, collate
-from learners.reduction import (MergeError, activation_importance, count_parameters, heal, magnitude_importance,
-                                merge_adapter, prune, random_importance)
+from learners.reduction import (MergeError, activation_importance, count_parameters, heal, kept_blocks,
+                                magnitude_importance, merge_adapter, prune, random_importance, reconstruct)
 from learners.update import ContinualLearner, UpdateConfig, evaluate_loss, load_causal_lm
 from policies.reduction import ModelShape, ReductionPolicy, plan_candidates, plan_reduction
 
@@ -97,7 +99,8 @@ def test_healing_by_distillation_closes_part_of_the_gap(tiny_model, tok):
         loss.backward()
         opt.step()
     teacher.eval()
-    student = prune(teacher, activation_importance(teacher, DATA, tok, 32), 16)
+    # Healing on its own: without the least-squares refit, which leaves little for it to close here.
+    student = prune(teacher, replace(activation_importance(teacher, DATA, tok, 32), mlp_gram=None, attn_gram=None), 16)
 
     def kl():
         b = collate(tok, DATA, 32)
@@ -111,6 +114,57 @@ def test_healing_by_distillation_closes_part_of_the_gap(tiny_model, tok):
     losses = heal(student, teacher, DATA, tok, 32, steps=15, lr=1e-3, batch_size=8, progress=lambda i, n, l: seen.append(i))
     assert seen == list(range(1, 16)) and len(losses) == 15
     assert kl() < 0.7 * before
+
+
+def _trained_teacher(tiny_model, tok):
+    teacher = load_causal_lm(tiny_model)
+    opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
+    b = collate(tok, DATA, 32)
+    for _ in range(30):
+        loss = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return teacher.eval()
+
+
+def _kl(teacher, student, tok) -> float:
+    b = collate(tok, DATA, 32)
+    m = b.attention_mask.bool()
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[m], -1)
+        s = torch.log_softmax(student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[m], -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_least_squares_refit_and_reconstruction_make_up_for_what_was_pruned(tiny_model, tok):
+    teacher = _trained_teacher(tiny_model, tok)
+    imp = activation_importance(teacher, DATA, tok, 32)
+    cfg = teacher.config
+    assert [g.shape for g in imp.mlp_gram] == [(cfg.intermediate_size,) * 2] * 2
+    assert [g.shape for g in imp.attn_gram] == [(cfg.num_attention_heads * 16,) * 2] * 2
+    # The neuron score is the RMS activation (the Gram diagonal) times the down_proj column norm.
+    per_token = imp.mlp_gram[0].diagonal() / (imp.neurons[0] / teacher.model.layers[0].mlp.down_proj.weight.norm(dim=0)) ** 2
+    assert torch.allclose(per_token, per_token.mean().expand_as(per_token), rtol=1e-3)
+    plain = prune(teacher, replace(imp, mlp_gram=None, attn_gram=None), 16, kv_heads=1)
+    refitted = prune(teacher, imp, 16, kv_heads=1)
+    assert _kl(teacher, refitted, tok) < 0.8 * _kl(teacher, plain, tok)
+    before = _kl(teacher, refitted, tok)
+    reconstruct(refitted, teacher, kept_blocks(imp, 2), DATA, tok, 32, batch_size=5)
+    assert _kl(teacher, refitted, tok) < before
+    # A block dropped as well: the blocks after it are fitted to make up for it.
+    shallow = prune(teacher, imp, 48, layers=1)
+    before = _kl(teacher, shallow, tok)
+    reconstruct(shallow, teacher, kept_blocks(imp, 1), DATA, tok, 32)
+    assert _kl(teacher, shallow, tok) < before
+
+
+def test_reconstructing_an_unpruned_copy_changes_nothing(tiny_model, tok):
+    teacher = _trained_teacher(tiny_model, tok)
+    imp = activation_importance(teacher, DATA, tok, 32)
+    copy = prune(teacher, imp, teacher.config.intermediate_size)
+    reconstruct(copy, teacher, kept_blocks(imp, 2), DATA, tok, 32)
+    assert torch.allclose(_logits(copy, tok), _logits(teacher, tok), atol=5e-3)  # up to the ridge's damping
 
 
 def test_reduction_policy_backs_off_and_judges_perplexity():
@@ -138,9 +192,13 @@ def test_dead_heads_and_blocks_score_zero_and_pruning_them_changes_nothing(tiny_
     imp = activation_importance(model, DATA, tok, 32)
     assert imp.kv_groups[0, 0] == 0 and imp.kv_groups[0, 1] > 0
     assert imp.layers[1] == pytest.approx(0, abs=1e-6) and imp.layers[0] > 1e-3
-    small = prune(model, imp, model.config.intermediate_size, kv_heads=1, layers=1)
+    small = prune(model, replace(imp, mlp_gram=None, attn_gram=None), model.config.intermediate_size, kv_heads=1,
+                  layers=1)
     assert (small.config.num_hidden_layers, small.config.num_key_value_heads, small.config.num_attention_heads) == (1, 1, 2)
     assert torch.allclose(_logits(small, tok), _logits(model, tok), atol=1e-4)
+    # The least-squares refit has nothing to make up for: the same, up to its damping.
+    refitted = prune(model, imp, model.config.intermediate_size, kv_heads=1, layers=1)
+    assert torch.allclose(_logits(refitted, tok), _logits(model, tok), atol=5e-3)
     shape = ModelShape.of(model.config).reshaped(model.config.intermediate_size, 1, 1)
     assert count_parameters(small) == shape.total()
     small.save_pretrained(tmp_path / "g", safe_serialization=True)
