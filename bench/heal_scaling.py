@@ -1,9 +1,10 @@
 """What healing at one keep ratio buys with more steps and more data (a question, not a default).
 
-The reduction benchmark heals every pruned model for the daemon's budget (24 steps on 48 calibration
-items). This asks how far the same distillation goes when that budget grows: the benchmark's specialized
-model (32 LoRA steps on Python, merged), pruned to ``--keep`` by activations on the target domain with
-the allocation the daemon would choose, then healed by :func:`learners.reduction.heal` on either the 48
+The reduction benchmark heals every pruned model for the daemon's budget (24 steps). This asks how far
+distillation alone goes when that budget grows: the benchmark's specialized model (32 LoRA steps on
+Python, merged), pruned to ``--keep`` by activations on the 48 target calibration items with the
+allocation the daemon would choose — plain pruning, without the least-squares refit and reconstruction
+that the daemon now applies first (as it was measured) — then healed by :func:`learners.reduction.heal` on either the 48
 calibration items or a pool of ``--pool`` target items, with target-domain held-out perplexity read at
 checkpoints along the way. Slow on a CPU; meant for a GPU.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.common import foundation, ppl, write_json
@@ -28,7 +30,7 @@ def load_or_build(path: str | None, pool: int) -> dict:
     if path and Path(path).exists():
         doc = json.loads(Path(path).read_text())
         return {k: [Example.from_json(x) for x in v] if k != "train_records" else v for k, v in doc.items()}
-    data = load_data(128 + pool, 48, 24)
+    data = load_data(128 + pool, 48, 24, n_other=48)
     if path:
         Path(path).write_text(json.dumps({k: v if k == "train_records" else [e.to_json() for e in v]
                                           for k, v in data.items()}))
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     spec = specialize(base, tok, {**data, "train": data["train"][:128]}, 32, seq).to(device)
     pools = {"calibration (48)": data["calib"], f"pool ({len(data['train'][128:])})": data["train"][128:]}
     target = lambda m: ppl(evaluate_loss(m, tok, data["held"], seq))  # noqa: E731
-    imp = activation_importance(spec, data["calib"], tok, seq)
+    imp = replace(activation_importance(spec, data["calib"], tok, seq), mlp_gram=None, attn_gram=None)  # no refit
     plan, _ = choose_plan(spec, imp, tok, data["calib"], seq, args.keep)
     doc = {"keep": args.keep, "plan": plan.label, "device": device,
            "machine": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": args.batch,

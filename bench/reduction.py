@@ -42,8 +42,10 @@ TARGET, OTHER = "python", "man"
 METHODS = ["activation-target", "activation-other", "magnitude", "random"]
 
 
-def load_data(n_train: int, n_calib: int, n_held: int, seed: int = 0) -> dict:
-    """Target train / calibration / held-out and other-domain calibration / held-out, split by document."""
+def load_data(n_train: int, n_calib: int, n_held: int, seed: int = 0, n_other: int | None = None) -> dict:
+    """Target train / calibration / held-out and other-domain calibration / held-out, split by document.
+    The other domain calibrates on ``n_other`` items, by default as many as the target's own (train +
+    calibration)."""
     from daemon.corpus import SOURCES, interactions
     from learners.data import Example
 
@@ -60,12 +62,13 @@ def load_data(n_train: int, n_calib: int, n_held: int, seed: int = 0) -> dict:
                 for i, r in enumerate(recs)]
 
     t_held, t_rest = records(TARGET, (n_train + n_calib + n_held) // 3 + 8)
-    o_held, o_rest = records(OTHER, (n_train + n_calib + n_held) // 3 + 8)
-    n_own = n_train + n_calib  # the other domain calibrates on as many items as the target's own
-    assert len(t_rest) >= n_own and len(o_rest) >= n_own, "not enough text found on this machine"
+    n_own = n_train + n_calib
+    n_other = n_own if n_other is None else n_other
+    o_held, o_rest = records(OTHER, (n_other + n_held) // 3 + 8)
+    assert len(t_rest) >= n_own and len(o_rest) >= n_other, "not enough text found on this machine"
     return {"train_records": t_rest[:n_train], "train": ex(t_rest[:n_train], "train"),
             "calib": ex(t_rest[n_train:n_own], "calib"), "held": ex(t_held, "held"),
-            "other_calib": ex(o_rest[:n_own], "ocalib"), "other_held": ex(o_held, "oheld")}
+            "other_calib": ex(o_rest[:n_other], "ocalib"), "other_held": ex(o_held, "oheld")}
 
 
 def specialize(base: Path, tok, data: dict, steps: int, seq: int):
@@ -267,12 +270,15 @@ def markdown_tables(doc: dict) -> str:
     base = doc["specialized"]
     lines = [f"unpruned specialized model: {base['n_params']:,} parameters, {base['bytes'] / 2**20:.0f} MiB, "
              f"ppl {doc['target_domain']} {base['ppl']['target']:.2f} / {doc['other_domain']} {base['ppl']['other']:.2f}",
-             "", f"| keep | shape | method | ppl {doc['target_domain']} pruned -> healed | ppl {doc['other_domain']} "
-             "pruned -> healed | healed / unpruned (target) |", "|---|---|---|---|---|---|"]
+             "", f"| keep | shape | method | ppl {doc['target_domain']} pruned -> reconstructed -> healed | "
+             f"ppl {doc['other_domain']} (same) | healed / unpruned (target) |", "|---|---|---|---|---|---|"]
+
+    def path(m: dict, which: str) -> str:
+        return " -> ".join(f"{m[k][which]:.2f}" if k in m else "-" for k in ("pruned", "reconstructed", "healed"))
+
     for keep, v in doc["keeps"].items():
         for method, m in v["methods"].items():
-            lines.append(f"| {keep} | {v['plan']} | {method} | {m['pruned']['target']:.2f} -> {m['healed']['target']:.2f}"
-                         f" | {m['pruned']['other']:.2f} -> {m['healed']['other']:.2f} | "
+            lines.append(f"| {keep} | {v['plan']} | {method} | {path(m, 'target')} | {path(m, 'other')} | "
                          f"{m['healed']['target'] / base['ppl']['target']:.2f}x |")
     speeds = {k: v["speed"] for k, v in doc["keeps"].items() if "speed" in v}
     if speeds:

@@ -60,7 +60,7 @@ def run_demo(settings: Settings) -> int:
             info = group_info(daemon.redis, settings.stream, settings.group)
             if not asked and info.lag == 0 and info.pending == 0 and not daemon.jobs:
                 daemon.redis.xadd(settings.control_stream, {"command": "reduce", "lineage": "main"})
-                print("stream drained: reducing main (merge, score neurons on its data, prune, heal, gate)")
+                print("stream drained: reducing main (merge, score on its data, prune, reconstruct, heal, gate)")
                 asked = True
             st = main.live_state() or {}
             ho = st.get("heldout_loss") or {}
