@@ -3,12 +3,13 @@
 The reduction benchmark heals every pruned model for the daemon's budget (24 steps). This asks how far
 distillation alone goes when that budget grows: the benchmark's specialized model (32 LoRA steps on
 Python, merged), pruned to ``--keep`` by activations on the 48 target calibration items with the
-allocation the daemon would choose — plain pruning, without the least-squares refit and reconstruction
-that the daemon now applies first (as it was measured) — then healed by :func:`learners.reduction.heal` on either the 48
+allocation the daemon would choose — plain pruning, as the published run measured it, or with
+``--reconstruct`` the daemon's least-squares refit and block-by-block reconstruction on the lineage's own
+176 items (the reduction benchmark's calibration) — then healed by :func:`learners.reduction.heal` on either the 48
 calibration items or a pool of ``--pool`` target items, with target-domain held-out perplexity read at
 checkpoints along the way. Slow on a CPU; meant for a GPU.
 
-Usage: ``python -m bench.heal_scaling [--keep 0.6] [--steps 24,96,384] [--pool 1024] [--lrs 1e-4] [--batch 8]
+Usage: ``python -m bench.heal_scaling [--reconstruct] [--keep 0.6] [--steps 24,96,384] [--pool 1024] [--lrs 1e-4] [--batch 8]
 [--data JSON]`` (``--data``: the data as JSON, read if it exists, else written, for a machine whose corpora
 differ). Writes bench/results/heal-scaling.json.
 """
@@ -46,11 +47,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--data")
     ap.add_argument("--out", default="heal-scaling.json")
+    ap.add_argument("--reconstruct", action="store_true", help="refit and reconstruct before healing, as the daemon")
     args = ap.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
 
-    from learners.reduction import activation_importance, heal, prune
+    from learners.reduction import activation_importance, heal, kept_blocks, prune, reconstruct
     from learners.update import evaluate_loss
 
     seq = 128
@@ -63,15 +65,21 @@ def main(argv=None) -> int:
     spec = specialize(base, tok, {**data, "train": data["train"][:128]}, 32, seq).to(device)
     pools = {"calibration (48)": data["calib"], f"pool ({len(data['train'][128:])})": data["train"][128:]}
     target = lambda m: ppl(evaluate_loss(m, tok, data["held"], seq))  # noqa: E731
-    imp = replace(activation_importance(spec, data["calib"], tok, seq), mlp_gram=None, attn_gram=None)  # no refit
+    own = data["train"][:128] + data["calib"]
+    if args.reconstruct:
+        imp = activation_importance(spec, own, tok, seq)
+    else:  # plain pruning: scored on the calibration items, no least-squares refit
+        imp = replace(activation_importance(spec, data["calib"], tok, seq), mlp_gram=None, attn_gram=None)
     plan, _ = choose_plan(spec, imp, tok, data["calib"], seq, args.keep)
-    doc = {"keep": args.keep, "plan": plan.label, "device": device,
+    doc = {"keep": args.keep, "plan": plan.label, "device": device, "reconstruct": args.reconstruct,
            "machine": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": args.batch,
            "unpruned_ppl": target(spec), "runs": []}
     print(f"unpruned {doc['unpruned_ppl']:.2f}, plan {plan.label}", flush=True)
     for lr in [float(x) for x in args.lrs.split(",")]:
         for pool_name, pool in pools.items():
             student = prune(spec, imp, plan.intermediate, plan.kv_heads, plan.layers)
+            if args.reconstruct:
+                reconstruct(student, spec, kept_blocks(imp, plan.layers), own, tok, seq)
             run = {"lr": lr, "data": pool_name, "pruned_ppl": target(student), "at": {}}
             t0 = time.monotonic()
 
