@@ -356,7 +356,10 @@ class LineageWorker:
             plain = prune(teacher, replace(importance, mlp_gram=None, attn_gram=None), plan.intermediate,
                           plan.kv_heads, plan.layers)
             ppl_cut = ppl(plain)
-            refitted = policy.passes(ppl_before, ppl_pruned)[1] <= policy.passes(ppl_before, ppl_cut)[1]
+            def worst(after: dict[str, float]) -> float:  # the gate's measure: worst ratio to the parent
+                return policy.passes(ppl_before, after)[1]
+
+            refitted = worst(ppl_pruned) <= worst(ppl_cut)
             if not refitted:
                 student, ppl_pruned = plain, ppl_cut
             del plain
@@ -364,7 +367,7 @@ class LineageWorker:
             reconstruct(student, teacher, kept_blocks(importance, plan.layers), calib, self.tokenizer, s.max_seq_len,
                         s.batch_size)
             ppl_reconstructed = ppl(student)
-            reconstructed = policy.passes(ppl_before, ppl_reconstructed)[1] <= policy.passes(ppl_before, ppl_pruned)[1]
+            reconstructed = worst(ppl_reconstructed) <= worst(ppl_pruned)
             if not reconstructed:
                 student.load_state_dict(cut)
             del cut

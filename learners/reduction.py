@@ -234,6 +234,7 @@ def prune(model, importance: Importance, intermediate: int, kv_heads: int | None
     def rows(groups: torch.Tensor, size: int) -> torch.Tensor:  # feature indices of whole groups
         return (groups.unsqueeze(1) * size + torch.arange(size)).flatten()
 
+    grams = {"mlp.down_proj.weight": importance.mlp_gram, "self_attn.o_proj.weight": importance.attn_gram}
     state = model.state_dict()
     new_state = {k: v.clone() for k, v in state.items() if ".layers." not in k}
     for new_i, old_i in enumerate(kept_layers):
@@ -252,7 +253,6 @@ def prune(model, importance: Importance, intermediate: int, kv_heads: int | None
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix):]
-            grams = {"mlp.down_proj.weight": importance.mlp_gram, "self_attn.o_proj.weight": importance.attn_gram}
             if grams.get(rest) is not None and len(pick[rest][1]) < t.shape[1]:
                 t = refit(t.cpu(), grams[rest][old_i], pick[rest][1]).to(t.device)
             elif rest in pick:
