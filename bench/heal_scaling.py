@@ -10,7 +10,7 @@ calibration items or a pool of ``--pool`` target items, with target-domain held-
 checkpoints along the way. Slow on a CPU; meant for a GPU.
 
 Usage: ``python -m bench.heal_scaling [--reconstruct] [--keep 0.6] [--steps 24,96,384] [--pool 1024] [--lrs 1e-4] [--batch 8]
-[--data JSON]`` (``--data``: the data as JSON, read if it exists, else written, for a machine whose corpora
+[--pools calibration,pool] [--data JSON]`` (``--data``: the data as JSON, read if it exists, else written, for a machine whose corpora
 differ). Writes bench/results/heal-scaling.json.
 """
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data")
     ap.add_argument("--out", default="heal-scaling.json")
     ap.add_argument("--reconstruct", action="store_true", help="refit and reconstruct before healing, as the daemon")
+    ap.add_argument("--pools", default="calibration,pool", help="which healing data: calibration, pool or both")
     args = ap.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     # The benchmark's specialized model; on a GPU the specialization itself runs there too.
     spec = specialize(base, tok, {**data, "train": data["train"][:128]}, 32, seq).to(device)
     pools = {"calibration (48)": data["calib"], f"pool ({len(data['train'][128:])})": data["train"][128:]}
+    pools = {k: v for k, v in pools.items() if k.split()[0] in args.pools.split(",")}
     target = lambda m: ppl(evaluate_loss(m, tok, data["held"], seq))  # noqa: E731
     own = data["train"][:128] + data["calib"]
     if args.reconstruct:
@@ -81,6 +83,8 @@ def main(argv=None) -> int:
             if args.reconstruct:
                 reconstruct(student, spec, kept_blocks(imp, plan.layers), own, tok, seq)
             run = {"lr": lr, "data": pool_name, "pruned_ppl": target(student), "at": {}}
+            doc["runs"].append(run)
+            print(f"  lr {lr:g} {pool_name}: before healing ppl {run['pruned_ppl']:.2f}", flush=True)
             t0 = time.monotonic()
 
             def progress(step: int, total: int, loss: float) -> None:
@@ -90,10 +94,9 @@ def main(argv=None) -> int:
                                        "seconds": time.monotonic() - t0}
                     print(f"  lr {lr:g} {pool_name}: step {step} ppl {run['at'][step]['ppl']:.2f} "
                           f"({run['at'][step]['ratio']:.2f}x)", flush=True)
+                    write_json(args.out, doc)  # a run cut off by a time limit keeps its checkpoints
 
             heal(student, spec, pool, tok, seq, checkpoints[-1], lr=lr, batch_size=args.batch, progress=progress)
-            doc["runs"].append(run)
-            write_json(args.out, doc)
             del student
     print(json.dumps(doc["runs"], indent=1))
     return 0

@@ -280,7 +280,7 @@ def _out(output) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(student, teacher, blocks: Sequence[int], examples: Sequence[Example], tokenizer, max_seq_len: int,
-                batch_size: int = 8, ridge: float = RIDGE) -> None:
+                batch_size: int = 8, ridge: float = RIDGE, mlp_epochs: int = 8, mlp_lr: float = 1e-3) -> None:
     """Refit, block by block, each pruned block's ``o_proj`` and ``down_proj`` (in place) so that the
     student's residual stream follows the teacher's on ``examples``.
 
@@ -335,13 +335,16 @@ def reconstruct(student, teacher, blocks: Sequence[int], examples: Sequence[Exam
             t_mid.append(out - mlp_out)  # the teacher's residual after attention
         if i in kept:
             s_block = student.model.layers[kept[i]]
+            mids = []  # the student's residual after attention, per batch (for _train_mlp)
             for lin, sub in ((s_block.self_attn.o_proj, s_block.self_attn), (s_block.mlp.down_proj, s_block.mlp)):
                 gram = torch.zeros(lin.in_features, lin.in_features, device=device)
                 cross = torch.zeros(lin.in_features, lin.out_features, device=device)
                 attention = sub is s_block.self_attn
                 for k, (out, x, y, st) in enumerate(run(s_block, 1, lin, sub)):
                     # What this sublayer should add to the student's residual to reach the teacher's.
-                    want = t_mid[k] - st[1] if attention else t_out[k] - (out - y)
+                    if not attention:
+                        mids.append(out - y)
+                    want = t_mid[k] - st[1] if attention else t_out[k] - mids[-1]
                     if lin.bias is not None:
                         want = want - lin.bias
                     m = st[3]
@@ -349,10 +352,40 @@ def reconstruct(student, teacher, blocks: Sequence[int], examples: Sequence[Exam
                     gram.addmm_(x.T, x)
                     cross.addmm_(x.T, want)
                 lin.weight.copy_(_ridge(gram, cross, ridge).to(lin.weight.dtype))
+            if mlp_epochs > 0:
+                norm, masks = s_block.post_attention_layernorm, [st[3] for st in states]
+                _train_mlp(s_block.mlp, [norm(mid[m]) for mid, m in zip(mids, masks)],
+                           [(t - mid)[m] for t, mid, m in zip(t_out, mids, masks)], mlp_epochs, mlp_lr)
             for st, (out, *_rest) in zip(states, list(run(s_block, 1))):
                 st[1] = out
         for st, out in zip(states, t_out):
             st[0] = out
+
+
+def _train_mlp(mlp, xs: list[torch.Tensor], wants: list[torch.Tensor], epochs: int, lr: float) -> None:
+    """Train ``mlp`` (gate, up and down projections) by Adam on the squared error between ``mlp(x)`` and
+    ``want`` for each batch of token rows, keeping the weights with the lowest error on the batches held
+    out from training (every fifth; all of them when there are fewer than five): an epoch that does not
+    generalise is undone, and a layer that already fits is left as it was."""
+    held = list(range(4, len(xs), 5)) or list(range(len(xs)))
+    train = [k for k in range(len(xs)) if k not in held] or held
+
+    def error() -> float:
+        return sum(float(F.mse_loss(mlp(xs[k]), wants[k], reduction="sum")) for k in held)
+
+    best, best_state = error(), copy.deepcopy(mlp.state_dict())
+    opt = torch.optim.Adam(mlp.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        with torch.enable_grad():
+            for i in torch.randperm(len(train), generator=g).tolist():
+                loss = F.mse_loss(mlp(xs[train[i]]), wants[train[i]])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        if (e := error()) < best:
+            best, best_state = e, copy.deepcopy(mlp.state_dict())
+    mlp.load_state_dict(best_state)
 
 
 def heal(student, teacher, examples: Sequence[Example], tokenizer, max_seq_len: int, steps: int,
