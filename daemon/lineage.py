@@ -417,8 +417,9 @@ class LineageWorker:
                 "importance": "activations on the lineage's replay + recent data: MLP neuron RMS x down_proj column "
                               "norm, KV group RMS head output, block 1 - cos(input, output)",
                 "reconstruction": "down_proj / o_proj refitted by least squares to the unpruned outputs, then block "
-                                  "by block to the parent's residual stream, on the calibration items (each "
-                                  "kept only where it does not worsen held-out perplexity)",
+                                  "by block to the parent's residual stream (least squares, then each MLP trained "
+                                  "on the block's cached inputs), on the calibration items (each kept only where "
+                                  "it does not worsen held-out perplexity)",
                 "calibration_items": len(calib),
                 "heal_items": len(kept),
                 "pruned": {"mlp_intermediate": [shape.intermediate, plan.intermediate],

@@ -1,6 +1,7 @@
 """Merge, importance, structured pruning and healing on a tiny Llama."""
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import replace
 
 import pytest
@@ -152,6 +153,13 @@ def test_least_squares_refit_and_reconstruction_make_up_for_what_was_pruned(tiny
     before = _kl(teacher, refitted, tok)
     reconstruct(refitted, teacher, kept_blocks(imp, 2), DATA, tok, 32, batch_size=5)
     assert _kl(teacher, refitted, tok) < before
+    # Narrower: least squares alone helps, and training each pruned MLP on its block's inputs goes further.
+    trained = prune(teacher, imp, 8, kv_heads=1)
+    least_squares_only = deepcopy(trained)
+    before = _kl(teacher, trained, tok)
+    reconstruct(trained, teacher, kept_blocks(imp, 2), DATA, tok, 32, batch_size=5)
+    reconstruct(least_squares_only, teacher, kept_blocks(imp, 2), DATA, tok, 32, batch_size=5, mlp_epochs=0)
+    assert _kl(teacher, trained, tok) < 0.6 * _kl(teacher, least_squares_only, tok) < 0.6 * before
     # A block dropped as well: the blocks after it are fitted to make up for it.
     shallow = prune(teacher, imp, 48, layers=1)
     before = _kl(teacher, shallow, tok)
