@@ -44,11 +44,20 @@ def redis_url() -> str:
 
 
 def free_port() -> int:
+    """A free loopback port between Ray's worker ports (10002-19999) and the kernel's ephemeral range
+    (32768 up): a port from ``bind(0)`` is one Ray's own processes may take at random while the daemon
+    starts, and once one of them answered a test's health check."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def settings_env(home: Path, base: Path, redis_url: str, **extra) -> dict[str, str]:
