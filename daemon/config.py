@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     calibration_items: int = Field(256, ge=1, le=100_000, description="latest examples scored for importance, the "
                                     "allocation and the least-squares reconstruction (healing distils on all replay + "
                                     "recent data)")
+    reduce_vocab: bool = Field(False, description="on: a promoted generation also drops the tokens its lineage's "
+                               "replay + recent data never use (learners/vocab.py), kept only where held-out loss "
+                               "per byte falls on every held-out set")
 
     # -- the service -----------------------------------------------------------------------------
     max_entry_bytes: int = Field(64 * 1024, ge=256, le=64 << 20)

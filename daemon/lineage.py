@@ -42,6 +42,7 @@ from learners.reduction import (activation_importance, count_parameters, heal, k
                                reconstruct)
 from learners.replay import ReplayBuffer
 from learners.update import ContinualLearner, evaluate_loss
+from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
 from policies.gate import forgetting, judge_update
 from policies.reduction import ModelShape, plan_candidates
 from policies.tuning import Knobs, Signal
@@ -402,6 +403,11 @@ class LineageWorker:
                                    time.perf_counter() - t0, detail=f"gate failed at every keep: {tries}")
 
         plan, student, ppl_after = chosen
+        tokenizer, vocab = self.tokenizer, None
+        if s.reduce_vocab:
+            student, tokenizer, vocab = self._trim_vocabulary(student, both, gate_sets, bf16)
+            if vocab["kept"]:
+                ppl_after = vocab["ppl_after"]
         gen = self.dir.next_gen()
         n_after = count_parameters(student)
         card = {
@@ -434,13 +440,14 @@ class LineageWorker:
                 "heal_steps": s.heal_steps,
                 "gate": {"budget_ppl_ratio": s.reduce_budget, "ppl_before": ppl_before, "tries": tries,
                          "passed": True},
+                "vocabulary": vocab,
             },
             "eval": {d: {"loss": math.log(p), "perplexity": p} for d, p in ppl_after.items()},
         }
         staging = self.dir.staging_dir()
         try:
             student.save_pretrained(str(staging), safe_serialization=True)
-            self.tokenizer.save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
             self.dir.publish_generation(staging, gen, card)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -457,6 +464,30 @@ class LineageWorker:
         log.info("lineage %s: promoted %s (%d -> %d parameters)", self.lineage, gen, n_before, n_after)
         return ReductionReport(self.lineage, "promoted", gen, parent, n_before, n_after, time.perf_counter() - t0,
                                card=card)
+
+    def _trim_vocabulary(self, model, items: list[Example], gate_sets: dict[str, list[Example]], bf16: bool):
+        """``model`` and its tokenizer without the tokens ``items`` never use, or unchanged (with the
+        record of why) when that raises held-out loss per byte on any gate set: text the kept tokens do
+        not cover is split into shorter tokens, which the model spells less well."""
+        s = self.s
+        keep = kept_token_ids(self.tokenizer, token_counts(self.tokenizer, items))
+        small, small_tok = trim_vocabulary(model, self.tokenizer, keep)
+
+        def per_byte(m, tok) -> dict[str, float]:
+            return {d: evaluate_loss(m, tok, v, s.max_seq_len, s.batch_size, bf16, per_byte=True)
+                    for d, v in gate_sets.items()}
+
+        before, after = per_byte(model, self.tokenizer), per_byte(small, small_tok)
+        kept = all(after[d] < before[d] for d in before)
+        record = {"tokens": [len(self.tokenizer), len(keep)], "items": len(items), "kept": kept,
+                  "loss_per_byte_before": before, "loss_per_byte_after": after}
+        log.info("lineage %s: vocabulary %d -> %d tokens, held-out loss per byte %s -> %s (%s)", self.lineage,
+                 len(self.tokenizer), len(keep), before, after, "kept" if kept else "dropped")
+        if not kept:
+            return model, self.tokenizer, record
+        record["ppl_after"] = {d: math.exp(evaluate_loss(small, small_tok, v, s.max_seq_len, s.batch_size, bf16))
+                               for d, v in gate_sets.items()}
+        return small, small_tok, record
 
     def _reload_after_reduction(self) -> None:
         """The merge consumed the in-memory model: load the current generation and live adapter."""

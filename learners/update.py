@@ -76,8 +76,10 @@ def example_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, examples: Sequence[Example], max_seq_len: int,
-                  batch_size: int = 8, bf16: bool = False) -> float:
-    """Mean next-token NLL over the response tokens of ``examples`` (nats/token)."""
+                  batch_size: int = 8, bf16: bool = False, per_byte: bool = False) -> float:
+    """Mean next-token NLL over the response tokens of ``examples`` (nats/token), or with ``per_byte``
+    per UTF-8 byte of the text those tokens spell: the measure that stays comparable when the
+    tokenizer changes (a trimmed vocabulary, :mod:`learners.vocab`)."""
     if not examples:
         return float("nan")
     was_training = model.training
@@ -90,7 +92,12 @@ def evaluate_loss(model, tokenizer, examples: Sequence[Example], max_seq_len: in
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         picked, mask = token_logprobs(logits, b.labels)
         total += float(-(picked * mask).sum())
-        count += int(mask.sum())
+        if per_byte:
+            labels = b.labels[:, 1:]
+            count += sum(len(tokenizer.decode(row[row != IGNORE].tolist(), skip_special_tokens=True).encode())
+                         for row in labels)
+        else:
+            count += int(mask.sum())
     model.train(was_training)
     return total / max(1, count)
 

@@ -175,3 +175,23 @@ def test_crash_between_generation_write_and_current_switch(tmp_path, tiny_model)
     rep = w2.reduce()
     assert rep.outcome == "promoted" and rep.generation == "gen-0002" and d.current() == "gen-0002"
     assert d.card("gen-0002")["parent"] == "main/gen-0000"
+
+
+def test_reduction_trims_the_vocabulary_and_learning_goes_on(tmp_path, tiny_model):
+    s = settings(tmp_path, tiny_model, reduce_vocab=True, reduce_budget=10.0, heal_steps=1)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn(items(40))
+    rep = w.reduce()
+    assert rep.outcome == "promoted"
+    vocab = rep.card["reduction"]["vocabulary"]
+    assert vocab["kept"] and vocab["tokens"][0] == 49152 and 256 < vocab["tokens"][1] < 1000
+    assert all(vocab["loss_per_byte_after"][d] < vocab["loss_per_byte_before"][d] for d in vocab["loss_per_byte_before"])
+    gen = Registry(s.registry_root).lineage("main").path / rep.generation
+    assert AutoModelForCausalLM.from_pretrained(gen).config.vocab_size == vocab["tokens"][1] == len(w.tokenizer)
+    assert rep.card["n_params"] == safetensors_params(gen) < rep.n_params_before - 48000 * 64
+    # The replay keeps raw text: the next step re-tokenizes it for the new vocabulary and learning goes on.
+    after = w.learn(items(12, start=40))
+    assert after.learned > 0 and w.generation == rep.generation
+    w.close()
+    assert len(LineageWorker(s, "main").tokenizer) == vocab["tokens"][1]

@@ -1,0 +1,154 @@
+"""Vocabulary trimming on SmolLM2-135M specialized to Python, alone and after pruning to keep 0.6.
+
+The model is specialized and pruned as in ``bench.reduction`` (same data, steps, allocation choice,
+reconstruction and healing, activation-target scores), then each of the unpruned and the pruned model
+is trimmed to the tokens of the lineage's own 176 items (``learners.vocab``). Four models side by side:
+parameters, safetensors bytes, held-out loss in bits per byte of text (comparable across tokenizers)
+and per-token perplexity on Python and on man pages, the share of held-out tokens the trimmed
+vocabulary still has, CPU forward speed in text bytes per second (interleaved repetitions, median) and
+peak RSS of a fresh process.
+
+Usage: ``python -m bench.vocab [--quick] [--threads N]``; writes bench/results/vocab[-quick].json.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import foundation, ppl, safetensors_bytes, write_json
+from bench.reduction import choose_plan, file_bytes, load_data, peak_rss, specialize
+
+
+def forward_bytes_per_s(models: dict, examples, seq: int, reps: int) -> dict[str, float]:
+    """Text bytes per second of one forward over the same texts, each model with its own tokenizer."""
+    import torch
+
+    from learners.data import collate
+
+    batches = {}
+    for k, (m, tok) in models.items():
+        b = collate(tok, list(examples), seq)
+        ids = b.input_ids[b.attention_mask.bool()].tolist()
+        batches[k] = (b, len(tok.decode(ids, skip_special_tokens=True).encode()))
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        for _ in range(reps + 1):  # the first round warms up
+            for k, (m, _tok) in models.items():
+                b = batches[k][0]
+                t0 = time.perf_counter()
+                m(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                times[k].append(time.perf_counter() - t0)
+    return {k: batches[k][1] / statistics.median(v[1:]) for k, v in times.items()}
+
+
+def replay_items(n: int, held) -> list:
+    """``n`` Python items, as a long-lived lineage's replay would hold, from documents other than the
+    held-out ones."""
+    from daemon.corpus import interactions, python_docs
+    from learners.data import Example
+
+    held_docs = {ex.prompt.split("\n", 1)[0] for ex in held}
+    out = []
+    for doc in python_docs(n // 2 + 50):
+        if f"# {doc.name}" in held_docs:
+            continue
+        out += [Example(id=f"r{len(out) + i}", prompt=r["prompt"], response=r["response"], domain="python")
+                for i, r in enumerate(interactions(doc, "python"))]
+        if len(out) >= n:
+            return out[:n]
+    raise RuntimeError(f"only {len(out)} Python items found on this machine")
+
+
+def coverage(tok, keep: set[int], examples) -> float:
+    """Share of the tokens of ``examples`` (original tokenizer) that a trim to ``keep`` still has."""
+    from learners.vocab import token_counts
+
+    counts = token_counts(tok, examples)
+    return sum(c for t, c in counts.items() if t in keep) / sum(counts.values())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a smoke run: little data, few steps")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args(argv)
+    import torch
+    from transformers import AutoTokenizer
+
+    from learners.reduction import activation_importance, count_parameters, heal, kept_blocks, prune, reconstruct
+    from learners.update import evaluate_loss
+    from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
+
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    seq = 64 if q else 128
+    n_train, n_calib, n_held = (16, 8, 8) if q else (128, 48, 24)
+    spec_steps, heal_steps, keep_ratio = (4, 2, 0.6) if q else (32, 24, 0.6)
+    counts = (64,) if q else (1000, 4000)
+    base = foundation()
+    tok = AutoTokenizer.from_pretrained(str(base))
+    data = load_data(n_train, n_calib, n_held)
+    own = data["train"] + data["calib"]
+    work = Path(tempfile.mkdtemp(prefix="cascade-vocab-"))
+
+    t0 = time.monotonic()
+    spec = specialize(base, tok, data, spec_steps, seq)
+    imp = activation_importance(spec, own, tok, seq)
+    plan, _ = choose_plan(spec, imp, tok, data["calib"], seq, keep_ratio)
+    pruned = prune(spec, imp, plan.intermediate, plan.kv_heads, plan.layers)
+    reconstruct(pruned, spec, kept_blocks(imp, plan.layers), own, tok, seq)
+    heal(pruned, spec, own, tok, seq, heal_steps)
+    print(f"specialized and pruned to {plan.label} ({time.monotonic() - t0:.0f} s)", flush=True)
+
+    seen = {f"{len(own)} (own)": own, **{str(n): replay_items(n, data["held"]) for n in counts}}
+    models = {"unpruned": (spec, tok), f"keep {keep_ratio}": (pruned, tok)}
+    doc = {"target_domain": "python", "other_domain": "man", "max_seq_len": seq, "threads": args.threads,
+           "keep": keep_ratio, "plan": plan.label, "vocab_before": len(tok), "trims": {}, "models": {}}
+    for label, items in seen.items():
+        t0 = time.monotonic()
+        keep = kept_token_ids(tok, token_counts(tok, items))
+        kept = set(keep)
+        doc["trims"][label] = {"items": len(items), "vocab": len(keep), "seconds": time.monotonic() - t0,
+                               "coverage_target": coverage(tok, kept, data["held"]),
+                               "coverage_other": coverage(tok, kept, data["other_held"])}
+        print(f"vocabulary from {label} items: {doc['trims'][label]}", flush=True)
+        for name in ("unpruned", f"keep {keep_ratio}"):
+            models[f"{name} + vocabulary of {label}"] = trim_vocabulary(models[name][0], tok, keep)
+    for name, (m, t) in models.items():
+        where = work / name.replace(" ", "_")
+        row = {"n_params": count_parameters(m), "bytes": file_bytes(m, t, where)}
+        for which, held in (("target", data["held"]), ("other", data["other_held"])):
+            row[f"bits_per_byte_{which}"] = evaluate_loss(m, t, held, seq, per_byte=True) / math.log(2)
+            row[f"ppl_token_{which}"] = ppl(evaluate_loss(m, t, held, seq))
+        row["peak_rss"] = peak_rss(where, seq, args.threads)
+        doc["models"][name] = row
+        print(f"  {name}: {row}", flush=True)
+    speed = forward_bytes_per_s(models, data["held"][:8], seq, 3 if q else 9)
+    for name, bps in speed.items():
+        doc["models"][name]["bytes_per_s"] = bps
+        doc["models"][name]["speedup"] = bps / speed["unpruned"]
+    write_json(f"vocab{'-quick' if q else ''}.json", doc)
+    print(markdown_table(doc))
+    return 0
+
+
+def markdown_table(doc: dict) -> str:
+    lines = [f"| vocabulary from items | tokens kept (of {doc['vocab_before']:,}) | held-out tokens still in it: "
+             f"{doc['target_domain']} / {doc['other_domain']} |", "|---|---|---|"]
+    for label, t in doc["trims"].items():
+        lines.append(f"| {label} | {t['vocab']:,} | {t['coverage_target']:.2%} / {t['coverage_other']:.2%} |")
+    lines += ["", f"| model | parameters | safetensors MiB | bits/byte {doc['target_domain']} | bits/byte "
+              f"{doc['other_domain']} | forward bytes/s (speed-up) | peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+    for name, r in doc["models"].items():
+        lines.append(f"| {name} | {r['n_params']:,} | {r['bytes'] / 2**20:.0f} | {r['bits_per_byte_target']:.3f} | "
+                     f"{r['bits_per_byte_other']:.3f} | {r['bytes_per_s']:,.0f} ({r['speedup']:.2f}x) | "
+                     f"{r['peak_rss'] / 2**20:.0f} |")
+    return "\n".join(lines)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
