@@ -54,7 +54,7 @@ def replay_items(n: int, held) -> list:
 
     held_docs = {ex.prompt.split("\n", 1)[0] for ex in held}
     out = []
-    for doc in python_docs(n // 2 + 50):
+    for doc in python_docs(n):
         if f"# {doc.name}" in held_docs:
             continue
         out += [Example(id=f"r{len(out) + i}", prompt=r["prompt"], response=r["response"], domain="python")
@@ -89,13 +89,14 @@ def main(argv=None) -> int:
     seq = 64 if q else 128
     n_train, n_calib, n_held = (16, 8, 8) if q else (128, 48, 24)
     spec_steps, heal_steps, keep_ratio = (4, 2, 0.6) if q else (32, 24, 0.6)
-    counts = (64,) if q else (1000, 4000)
+    counts = (64,) if q else (600, 1900)  # 1900: about a full default replay buffer (2000)
     base = foundation()
     tok = AutoTokenizer.from_pretrained(str(base))
     data = load_data(n_train, n_calib, n_held)
     own = data["train"] + data["calib"]
     work = Path(tempfile.mkdtemp(prefix="cascade-vocab-"))
 
+    seen = {f"{len(own)} (own)": own, **{str(n): replay_items(n, data["held"]) for n in counts}}
     t0 = time.monotonic()
     spec = specialize(base, tok, data, spec_steps, seq)
     imp = activation_importance(spec, own, tok, seq)
@@ -105,7 +106,6 @@ def main(argv=None) -> int:
     heal(pruned, spec, own, tok, seq, heal_steps)
     print(f"specialized and pruned to {plan.label} ({time.monotonic() - t0:.0f} s)", flush=True)
 
-    seen = {f"{len(own)} (own)": own, **{str(n): replay_items(n, data["held"]) for n in counts}}
     models = {"unpruned": (spec, tok), f"keep {keep_ratio}": (pruned, tok)}
     doc = {"target_domain": "python", "other_domain": "man", "max_seq_len": seq, "threads": args.threads,
            "keep": keep_ratio, "plan": plan.label, "vocab_before": len(tok), "trims": {}, "models": {}}

@@ -91,8 +91,8 @@ class Settings(BaseSettings):
                                     "allocation and the least-squares reconstruction (healing distils on all replay + "
                                     "recent data)")
     reduce_vocab: bool = Field(False, description="on: a promoted generation also drops the tokens its lineage's "
-                               "replay + recent data never use (learners/vocab.py), kept only where held-out loss "
-                               "per byte falls on every held-out set")
+                               "replay + recent data never use (learners/vocab.py), kept only where the reduction, "
+                               "trim included, stays within reduce_budget (held-out loss per byte of text)")
 
     # -- the service -----------------------------------------------------------------------------
     max_entry_bytes: int = Field(64 * 1024, ge=256, le=64 << 20)

@@ -405,7 +405,8 @@ class LineageWorker:
         plan, student, ppl_after = chosen
         tokenizer, vocab = self.tokenizer, None
         if s.reduce_vocab:
-            student, tokenizer, vocab = self._trim_vocabulary(student, both, gate_sets, bf16)
+            student, tokenizer, vocab = self._trim_vocabulary(student, both, gate_sets, bf16, ppl_before, ppl_after,
+                                                              policy)
             if vocab["kept"]:
                 ppl_after = vocab["ppl_after"]
         gen = self.dir.next_gen()
@@ -465,10 +466,16 @@ class LineageWorker:
         return ReductionReport(self.lineage, "promoted", gen, parent, n_before, n_after, time.perf_counter() - t0,
                                card=card)
 
-    def _trim_vocabulary(self, model, items: list[Example], gate_sets: dict[str, list[Example]], bf16: bool):
+    def _trim_vocabulary(self, model, items: list[Example], gate_sets: dict[str, list[Example]], bf16: bool,
+                         ppl_before: dict[str, float], ppl_after: dict[str, float], policy):
         """``model`` and its tokenizer without the tokens ``items`` never use, or unchanged (with the
-        record of why) when that raises held-out loss per byte on any gate set: text the kept tokens do
-        not cover is split into shorter tokens, which the model spells less well."""
+        record of why) when the reduction, trim included, would leave the gate's budget.
+
+        Text the kept tokens do not cover is split into shorter tokens, which the model spells less well,
+        so the trim is judged per byte of text: the trimmed model's held-out loss per byte, over the
+        untrimmed one's, scales the untrimmed model's loss per token, which gives the perplexity the
+        trimmed model would have in the parent's tokens, judged against the parent like every other try.
+        """
         s = self.s
         keep = kept_token_ids(self.tokenizer, token_counts(self.tokenizer, items))
         small, small_tok = trim_vocabulary(model, self.tokenizer, keep)
@@ -478,11 +485,13 @@ class LineageWorker:
                     for d, v in gate_sets.items()}
 
         before, after = per_byte(model, self.tokenizer), per_byte(small, small_tok)
-        kept = all(after[d] < before[d] for d in before)
+        in_parent_tokens = {d: ppl_after[d] ** (after[d] / before[d]) for d in before}
+        kept, worst = policy.passes(ppl_before, in_parent_tokens)
         record = {"tokens": [len(self.tokenizer), len(keep)], "items": len(items), "kept": kept,
-                  "loss_per_byte_before": before, "loss_per_byte_after": after}
-        log.info("lineage %s: vocabulary %d -> %d tokens, held-out loss per byte %s -> %s (%s)", self.lineage,
-                 len(self.tokenizer), len(keep), before, after, "kept" if kept else "dropped")
+                  "loss_per_byte_before": before, "loss_per_byte_after": after,
+                  "ppl_in_parent_tokens": in_parent_tokens, "worst_ratio": worst}
+        log.info("lineage %s: vocabulary %d -> %d tokens, held-out loss per byte %s -> %s, worst ratio %.3f (%s)",
+                 self.lineage, len(self.tokenizer), len(keep), before, after, worst, "kept" if kept else "dropped")
         if not kept:
             return model, self.tokenizer, record
         record["ppl_after"] = {d: math.exp(evaluate_loss(small, small_tok, v, s.max_seq_len, s.batch_size, bf16))
