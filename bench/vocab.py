@@ -1,12 +1,13 @@
 """Vocabulary trimming on SmolLM2-135M specialized to Python, alone and after pruning to keep 0.6.
 
 The model is specialized and pruned as in ``bench.reduction`` (same data, steps, allocation choice,
-reconstruction and healing, activation-target scores), then each of the unpruned and the pruned model
-is trimmed to the tokens of the lineage's own 176 items (``learners.vocab``). Four models side by side:
-parameters, safetensors bytes, held-out loss in bits per byte of text (comparable across tokenizers)
-and per-token perplexity on Python and on man pages, the share of held-out tokens the trimmed
-vocabulary still has, CPU forward speed in text bytes per second (interleaved repetitions, median) and
-peak RSS of a fresh process.
+reconstruction and healing, activation-target scores). Then each of the unpruned and the pruned model
+is trimmed (``learners.vocab``) to the tokens of the lineage's own 176 items, and of 600 and 1,900
+Python items from documents other than the held-out ones (about what a full default replay buffer
+holds). For every model, side by side: parameters, safetensors bytes, held-out loss in bits per byte of
+text (comparable across tokenizers) and per-token perplexity on Python and on man pages, CPU forward
+speed in text bytes per second (interleaved repetitions, median) and peak RSS of a fresh process; for
+every trim, the share of held-out tokens its vocabulary still has.
 
 Usage: ``python -m bench.vocab [--quick] [--threads N]``; writes bench/results/vocab[-quick].json.
 """
@@ -20,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import foundation, ppl, safetensors_bytes, write_json
+from bench.common import foundation, ppl, write_json
 from bench.reduction import choose_plan, file_bytes, load_data, peak_rss, specialize
 
 
@@ -149,6 +150,7 @@ def markdown_table(doc: dict) -> str:
                      f"{r['bits_per_byte_other']:.3f} | {r['bytes_per_s']:,.0f} ({r['speedup']:.2f}x) | "
                      f"{r['peak_rss'] / 2**20:.0f} |")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
