@@ -89,24 +89,28 @@ def file_bytes(model, tok, where: Path) -> int:
     return safetensors_bytes(where)
 
 
-def forward_speed(models: dict, tok, examples, seq: int, reps: int) -> dict[str, float]:
-    """Tokens/s of one forward over the same batch, interleaved across models, median of ``reps``."""
+def forward_speed(models: dict, examples, seq: int, reps: int, per_byte: bool = False) -> dict[str, float]:
+    """Tokens/s (with ``per_byte``, text bytes/s) of one forward over the same texts, for ``models``
+    {name: (model, its tokenizer)}, interleaved across models, median of ``reps``."""
     import torch
 
     from learners.data import collate
 
-    b = collate(tok, list(examples), seq)
-    n_tokens = int(b.attention_mask.sum())
+    batches = {}
+    for k, (_m, tok) in models.items():
+        b = collate(tok, list(examples), seq)
+        ids = b.input_ids[b.attention_mask.bool()].tolist()
+        batches[k] = (b, len(tok.decode(ids, skip_special_tokens=True).encode()) if per_byte else len(ids))
     times = {k: [] for k in models}
     with torch.no_grad():
-        for m in models.values():  # warm-up
-            m(input_ids=b.input_ids, attention_mask=b.attention_mask)
-        for _ in range(reps):
-            for k, m in models.items():
+        for rep in range(reps + 1):  # round 0 warms up
+            for k, (m, _tok) in models.items():
+                b = batches[k][0]
                 t0 = time.perf_counter()
                 m(input_ids=b.input_ids, attention_mask=b.attention_mask)
-                times[k].append(time.perf_counter() - t0)
-    return {k: n_tokens / statistics.median(v) for k, v in times.items()}
+                if rep:
+                    times[k].append(time.perf_counter() - t0)
+    return {k: batches[k][1] / statistics.median(v) for k, v in times.items()}
 
 
 PEAK_RSS = """
@@ -136,7 +140,7 @@ def measure_speed(spec, student, tok, examples, seq: int, student_dir: Path, rep
     """Forward tokens/s and peak RSS of the pruned model against the unpruned one, side by side."""
     import torch
 
-    tps = forward_speed({"unpruned": spec, "pruned": student}, tok, examples, seq, reps)
+    tps = forward_speed({"unpruned": (spec, tok), "pruned": (student, tok)}, examples, seq, reps)
     threads = torch.get_num_threads()
     return {"tokens_per_s": tps["pruned"], "unpruned_tokens_per_s": tps["unpruned"],
             "speedup": tps["pruned"] / tps["unpruned"], "peak_rss": peak_rss(student_dir, seq, threads),

@@ -16,35 +16,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from bench.common import foundation, ppl, write_json
-from bench.reduction import choose_plan, file_bytes, load_data, peak_rss, specialize
-
-
-def forward_bytes_per_s(models: dict, examples, seq: int, reps: int) -> dict[str, float]:
-    """Text bytes per second of one forward over the same texts, each model with its own tokenizer."""
-    import torch
-
-    from learners.data import collate
-
-    batches = {}
-    for k, (m, tok) in models.items():
-        b = collate(tok, list(examples), seq)
-        ids = b.input_ids[b.attention_mask.bool()].tolist()
-        batches[k] = (b, len(tok.decode(ids, skip_special_tokens=True).encode()))
-    times = {k: [] for k in models}
-    with torch.no_grad():
-        for _ in range(reps + 1):  # the first round warms up
-            for k, (m, _tok) in models.items():
-                b = batches[k][0]
-                t0 = time.perf_counter()
-                m(input_ids=b.input_ids, attention_mask=b.attention_mask)
-                times[k].append(time.perf_counter() - t0)
-    return {k: batches[k][1] / statistics.median(v[1:]) for k, v in times.items()}
+from bench.reduction import choose_plan, file_bytes, forward_speed, load_data, peak_rss, specialize
 
 
 def replay_items(n: int, held) -> list:
@@ -129,7 +106,7 @@ def main(argv=None) -> int:
         row["peak_rss"] = peak_rss(where, seq, args.threads)
         doc["models"][name] = row
         print(f"  {name}: {row}", flush=True)
-    speed = forward_bytes_per_s(models, data["held"][:8], seq, 3 if q else 9)
+    speed = forward_speed(models, data["held"][:8], seq, 3 if q else 9, per_byte=True)
     for name, bps in speed.items():
         doc["models"][name]["bytes_per_s"] = bps
         doc["models"][name]["speedup"] = bps / speed["unpruned"]
