@@ -14,12 +14,15 @@
 3. Speed and memory, side by side: CPU forward tokens/s of each keep's activation-pruned model against
    the unpruned specialized model (interleaved repetitions, median), and peak RSS of a fresh process
    that loads the checkpoint and runs the same forward.
-4. Cascade: the real daemon learns target data and is asked to reduce (``cascade reduce``) three times
+4. Calibration data: at the middle keep ratio, the same method with more of the lineage's items for
+   importance, reconstruction and healing (the daemon's ``CASCADE_CALIBRATION_ITEMS``), the first
+   size being the 176 above.
+5. Cascade: the real daemon learns target data and is asked to reduce (``cascade reduce``) three times
    in a row: gen-0 -> gen-1 -> gen-2 -> gen-3, each a precursor of the next; size and held-out
    perplexity of each generation.
 
-Usage: ``python -m bench.reduction [--quick] [--keeps 0.8,0.6,0.4] [--skip-cascade | --cascade-only]
-[--threads N]``;
+Usage: ``python -m bench.reduction [--quick] [--keeps 0.8,0.6,0.4] [--calibration 176,600]
+[--skip-cascade | --cascade-only | --calibration-only] [--threads N]``;
 ``--table JSON`` prints the README tables. Writes bench/results/reduction[-quick].json and .png after
 every step, so a long run keeps what it has.
 """
@@ -198,6 +201,38 @@ def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work
     return out
 
 
+def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: int, heal_steps: int,
+                    eval_fn) -> list[dict]:
+    """The target-domain method at ``keep`` with the first ``n`` of the lineage's items for importance,
+    allocation, reconstruction and healing, for each ``n`` in ``sizes`` (the first ``n`` = the 176 of the
+    keep table; the rest are further Python items from other documents than the held-out ones)."""
+    from learners.reduction import activation_importance, heal, kept_blocks, prune, reconstruct
+
+    own = data["train"] + data["calib"]
+    seen = {(e.prompt, e.response) for e in own}
+    more = load_data(max(sizes) - len(data["calib"]), len(data["calib"]), len(data["held"]))
+    assert [(e.prompt, e.response) for e in more["held"]] == [(e.prompt, e.response) for e in data["held"]]
+    pool = own + [e for e in more["train"] + more["calib"] if (e.prompt, e.response) not in seen]
+    rows = []
+    for n in sizes:
+        items, t0 = pool[:n], time.monotonic()
+        importance = activation_importance(spec, items, tok, seq)
+        plan, _ = choose_plan(spec, importance, tok, data["calib"], seq, keep)
+        student = prune(spec, importance, plan.intermediate, plan.kv_heads, plan.layers)
+        row = {"items": len(items), "plan": plan.label, "pruned": eval_fn(student)}
+        reconstruct(student, spec, kept_blocks(importance, plan.layers), items, tok, seq)
+        row["reconstructed"], row["reconstruct_seconds"] = eval_fn(student), time.monotonic() - t0
+        t0 = time.monotonic()
+        heal(student, spec, items, tok, seq, heal_steps)
+        row["healed"], row["heal_seconds"] = eval_fn(student), time.monotonic() - t0
+        print(f"  calibration {len(items)} items ({plan.label}): ppl target / other "
+              + " -> ".join(f"{row[k]['target']:.2f} / {row[k]['other']:.2f}"
+                            for k in ("pruned", "reconstructed", "healed")), flush=True)
+        rows.append(row)
+        del student
+    return rows
+
+
 def run_cascade(base: Path, data: dict, seq: int, generations: int, work: Path, heal_steps: int) -> list[dict]:
     """gen-0 -> gen-1 -> ... through the real daemon: learn a batch, ``cascade reduce``, repeat."""
     from learners.update import evaluate_loss
@@ -294,6 +329,15 @@ def markdown_tables(doc: dict) -> str:
                          f"{m['bytes'] / 2**20:.0f} ({base['bytes'] / 2**20:.0f}) | {sp['tokens_per_s']:.0f} "
                          f"({sp['unpruned_tokens_per_s']:.0f}) | {sp['speedup']:.2f}x | {sp['peak_rss'] / 2**20:.0f} "
                          f"({sp['unpruned_peak_rss'] / 2**20:.0f}) |")
+    if doc.get("calibration"):
+        cal = doc["calibration"]
+        lines += ["", f"| keep {cal['keep']}: lineage items used | shape | ppl {doc['target_domain']} pruned -> "
+                  "reconstructed -> healed | healed / unpruned | "
+                  f"ppl {doc['other_domain']} healed | reduction minutes |", "|---|---|---|---|---|---|"]
+        for r in cal["rows"]:
+            lines.append(f"| {r['items']} | {r['plan']} | {path(r, 'target')} | "
+                         f"{r['healed']['target'] / base['ppl']['target']:.2f}x | {r['healed']['other']:.2f} | "
+                         f"{(r['reconstruct_seconds'] + r['heal_seconds']) / 60:.1f} |")
     if doc.get("cascade"):
         lines += ["", f"| generation | parameters | ppl {doc['target_domain']} | ppl {doc['other_domain']} | "
                   "next: plan (keep achieved) | reduction minutes |", "|---|---|---|---|---|---|"]
@@ -311,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keeps", default="0.8,0.6,0.4")
     ap.add_argument("--skip-cascade", action="store_true")
     ap.add_argument("--cascade-only", action="store_true", help="only the cascade, added to an earlier run's JSON")
+    ap.add_argument("--calibration", help="item counts for the calibration study (default 176,600; quick 24,48)")
+    ap.add_argument("--calibration-only", action="store_true",
+                    help="only the calibration study, added to an earlier run's JSON")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--table", metavar="JSON", help="only print the README tables of an earlier run")
     args = ap.parse_args(argv)
@@ -345,8 +392,19 @@ def main(argv=None) -> int:
         write_json(path.name, doc)
         print(markdown_tables(doc))
         return 0
+    keeps = [float(k) for k in args.keeps.split(",")]
+    sizes = [int(n) for n in (args.calibration or ("24,48" if q else "176,600")).split(",")]
     t0 = time.monotonic()
     spec = specialize(base, tok, data, spec_steps, seq)
+    if args.calibration_only:
+        path = RESULTS / f"reduction{suffix}.json"
+        doc = json.loads(path.read_text())
+        doc["calibration"] = {"keep": keeps[len(keeps) // 2],
+                              "rows": run_calibration(sizes, keeps[len(keeps) // 2], spec, tok, data, seq,
+                                                      heal_steps, eval_fn)}
+        write_json(path.name, doc)
+        print(markdown_tables(doc))
+        return 0
     doc = {"target_domain": TARGET, "other_domain": OTHER, "max_seq_len": seq, "threads": args.threads,
            "sizes": {"train": n_train, "calibration": n_calib, "heldout": n_held},
            "specialize_steps": spec_steps, "heal_steps": heal_steps,
@@ -361,9 +419,13 @@ def main(argv=None) -> int:
         write_json(f"reduction{suffix}.json", doc)
         plot(doc, RESULTS / f"reduction{suffix}.png")
 
-    for keep in [float(k) for k in args.keeps.split(",")]:
+    for keep in keeps:
         doc["keeps"][str(keep)] = run_keep(keep, spec, tok, data, seq, heal_steps, work, eval_fn)
         save()
+    keep = keeps[len(keeps) // 2]
+    doc["calibration"] = {"keep": keep, "rows": run_calibration(sizes, keep, spec, tok, data, seq, heal_steps,
+                                                                eval_fn)}
+    save()
 
     del spec
 
