@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cascade-only", action="store_true", help="only the cascade, added to an earlier run's JSON")
     ap.add_argument("--calibration", help="item counts for the calibration study (default 176,600; quick 24,48)")
     ap.add_argument("--calibration-only", action="store_true",
-                    help="only the calibration study, added to an earlier run's JSON")
+                    help="only the calibration study, merged into an earlier run's JSON (a row per item count)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--table", metavar="JSON", help="only print the README tables of an earlier run")
     args = ap.parse_args(argv)
@@ -399,9 +399,12 @@ def main(argv=None) -> int:
     if args.calibration_only:
         path = RESULTS / f"reduction{suffix}.json"
         doc = json.loads(path.read_text())
-        doc["calibration"] = {"keep": keeps[len(keeps) // 2],
-                              "rows": run_calibration(sizes, keeps[len(keeps) // 2], spec, tok, data, seq,
-                                                      heal_steps, eval_fn)}
+        keep = keeps[len(keeps) // 2]
+        rows = run_calibration(sizes, keep, spec, tok, data, seq, heal_steps, eval_fn)
+        earlier = doc.get("calibration") or {}
+        if earlier.get("keep") == keep:  # a row per item count: new ones replace, the rest stay
+            rows += [r for r in earlier["rows"] if r["items"] not in {r2["items"] for r2 in rows}]
+        doc["calibration"] = {"keep": keep, "rows": sorted(rows, key=lambda r: r["items"])}
         write_json(path.name, doc)
         print(markdown_tables(doc))
         return 0
