@@ -403,7 +403,8 @@ def main(argv=None) -> int:
         rows = run_calibration(sizes, keep, spec, tok, data, seq, heal_steps, eval_fn)
         earlier = doc.get("calibration") or {}
         if earlier.get("keep") == keep:  # a row per item count: new ones replace, the rest stay
-            rows += [r for r in earlier["rows"] if r["items"] not in {r2["items"] for r2 in rows}]
+            measured = {r["items"] for r in rows}
+            rows += [r for r in earlier["rows"] if r["items"] not in measured]
         doc["calibration"] = {"keep": keep, "rows": sorted(rows, key=lambda r: r["items"])}
         write_json(path.name, doc)
         print(markdown_tables(doc))
