@@ -252,6 +252,13 @@ class Settings(BaseSettings):
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)
 
+    def reduction_switches(self):
+        """How the daemon's reductions run (``learners.reduce.Switches``; imports torch)."""
+        from learners.reduce import Switches
+
+        return Switches(max_seq_len=self.max_seq_len, batch_size=self.batch_size, bf16=self.precision == "bf16",
+                        heal_steps=self.heal_steps)
+
     @property
     def registry_root(self) -> Path:
         return self.home / "registry"
