@@ -84,6 +84,7 @@ class Try:
     kv_heads: int
     layers: int
     ppl_cut: dict[str, float]  # plain pruning
+    ppl_refitted: dict[str, float] | None  # pruning with the least-squares refit (None: not tried)
     refit_kept: bool | None  # None: no refit possible (data-free scores) or switched off
     ppl_pruned: dict[str, float]  # after the refit decision
     ppl_reconstructed: dict[str, float] | None
@@ -195,7 +196,7 @@ def reduce(teacher, tokenizer, data: ReductionData, policy: ReductionPolicy, sw:
         watch: dict[str, dict[str, float]] = {}
         student = prune(teacher, plain_importance, plan.intermediate, plan.kv_heads, plan.layers)
         ppl_cut, watch["cut"] = ppl(student, data.gate), ppl(student, data.watch)
-        ppl_pruned, refit_kept = ppl_cut, None
+        ppl_pruned, ppl_refit, refit_kept = ppl_cut, None, None
         if importance.mlp_gram is not None and sw.refit != "off":
             refitted = prune(teacher, importance, plan.intermediate, plan.kv_heads, plan.layers)
             ppl_refit = ppl(refitted, data.gate)
@@ -234,7 +235,7 @@ def reduce(teacher, tokenizer, data: ReductionData, policy: ReductionPolicy, sw:
         ok, ratio = policy.passes(rec.ppl_before, ppl_healed)
         rec.tries.append(Try(keep, round(plan.keep_achieved, 4), plan.label, {k: round(v, 4) for k, v in
                                                                                candidates.items()},
-                             plan.intermediate, plan.kv_heads, plan.layers, ppl_cut, refit_kept, ppl_pruned,
+                             plan.intermediate, plan.kv_heads, plan.layers, ppl_cut, ppl_refit, refit_kept, ppl_pruned,
                              ppl_reconstructed, reconstruction_kept, ppl_healed, ratio, ok, kl[-1] if kl else None,
                              seconds, watch if data.watch else {}))
         log.info("%sreduction keep %.2f -> worst held-out ppl ratio %.3f (%s)", name, keep, ratio,
