@@ -223,7 +223,9 @@ class Settings(BaseSettings):
                             seed=self.seed)
 
     def window_size(self) -> int:
-        """New interactions per update window: ``window_steps`` steps of the new rows of a batch."""
+        """New interactions per update window at the configured replay ratio: what the driver sends a
+        learner before its first report; from then on the learner says (``LearnReport.window``), since
+        phases and self-tuning change the ratio in force."""
         # Not update_config(): resolving CASCADE_DEVICE=auto loads torch, which the driver never needs.
         replay = UpdateConfig(batch_size=self.batch_size, replay_ratio=self.replay_ratio,
                               constraints=self.constraint_set).replay_count()

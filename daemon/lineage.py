@@ -151,7 +151,14 @@ class LineageWorker:
                                  self.s.precision == "bf16") for d, v in sorted(self.heldout.items()) if v}
 
     def new_per_step(self) -> int:
+        """New rows in a batch of ``batch_size`` at the replay ratio in force (phase and self-tuning included)."""
         return max(1, self.s.batch_size - self.learner.config.replay_count())
+
+    def window_items(self) -> int:
+        """New interactions the next window wants: ``window_steps`` full batches at the replay ratio in force.
+        The worker owns this number; the driver reads it from every :class:`LearnReport` (``window``)."""
+        self._configure_window()
+        return self.new_per_step() * self.s.window_steps
 
     def learn(self, interactions: Sequence[Interaction]) -> LearnReport:
         t0 = time.perf_counter()
@@ -171,7 +178,7 @@ class LineageWorker:
         outcomes: list[tuple[str, str]] = []
         for it in fresh:
             ex = it.example()
-            if self.s.gate and self._is_heldout(ex):
+            if self._is_heldout(ex):  # with the gate off too: the reduction judges itself on these
                 self._add_heldout(ex)
                 outcomes.append((ex.id, "heldout"))
                 rep.heldout_added += 1
@@ -180,6 +187,11 @@ class LineageWorker:
 
         if train:
             self._configure_window(rep)
+            # Never more than window_steps steps: a window bigger than this phase wants (sized before the
+            # phase or the tuner changed the replay ratio) spreads its rows and replays less.
+            steps = min(self.s.window_steps, math.ceil(len(train) / self.new_per_step()))
+            per_step = math.ceil(len(train) / steps)
+            n_replay = min(self.learner.config.replay_count(), max(0, self.s.batch_size - per_step))
             before = self.last_heldout
             if self.s.gate and self._heldout_dirty:
                 # A source whose held-out set changed is measured afresh: its best so far was a
@@ -189,8 +201,8 @@ class LineageWorker:
                     self.best[d] = v if d in self._changed_domains else min(v, self.best.get(d, math.inf))
                 self._heldout_dirty = False
                 self._changed_domains.clear()
-            losses, n_replay, new_tokens = [], self.learner.config.replay_count(), 0
-            for part in chunks(train, self.new_per_step()):
+            losses, new_tokens = [], 0
+            for part in chunks(train, per_step):
                 r = self.learner.step(part, self.replay.sample(n_replay))
                 losses.append(r.task_loss)
                 rep.steps += 1
@@ -238,13 +250,22 @@ class LineageWorker:
         self.checkpoint(outcomes)
         return self._finish(rep, t0)
 
+    def learn_all(self, interactions: Sequence[Interaction]) -> list[LearnReport]:
+        """``interactions`` in windows of the size this worker asks for, as the driver sends them."""
+        reports, i = [], 0
+        while i < len(interactions):
+            n = self.window_items()
+            reports.append(self.learn(interactions[i : i + n]))
+            i += n
+        return reports
+
     def knobs(self) -> Knobs:
         """The learning rate, replay ratio and distillation weight before the phase adjusts them."""
         if self.tuner is not None:
             return self.tuner.knobs
         return Knobs(self.s.learning_rate, self.s.replay_ratio, self.s.distill_weight)
 
-    def _configure_window(self, rep: LearnReport) -> None:
+    def _configure_window(self, rep: LearnReport | None = None) -> None:
         """Set the learner up for this window: the phase in force, then the (tuned) knobs."""
         _, phase = self.schedule.at(self.counters["adapter_steps"])
         if phase.name != self.phase:
@@ -252,14 +273,14 @@ class LineageWorker:
                      self.counters["adapter_steps"])
             self.phase = phase.name
         k = self.knobs()
-        cfg = self.learner.config
-        self.learner.set_learning_rate(k.learning_rate * phase.lr_scale)
-        cfg.replay_ratio = k.replay_ratio if phase.replay_ratio is None else phase.replay_ratio
-        cfg.distill_weight = k.distill_weight
-        self.learner.train_only(phase.modules)
-        rep.phase = phase.name
-        rep.knobs = {"learning_rate": cfg.learning_rate, "replay_ratio": cfg.replay_ratio,
-                     "distill_weight": cfg.distill_weight}
+        self.learner.configure(learning_rate=k.learning_rate * phase.lr_scale,
+                               replay_ratio=k.replay_ratio if phase.replay_ratio is None else phase.replay_ratio,
+                               distill_weight=k.distill_weight, modules=phase.modules)
+        if rep is not None:
+            cfg = self.learner.config
+            rep.phase = phase.name
+            rep.knobs = {"learning_rate": cfg.learning_rate, "replay_ratio": cfg.replay_ratio,
+                         "distill_weight": cfg.distill_weight}
 
     def _finish(self, rep: LearnReport, t0: float) -> LearnReport:
         rep.heldout = dict(self.last_heldout)
@@ -267,6 +288,7 @@ class LineageWorker:
         rep.replay_items = len(self.replay)
         rep.update_seconds = time.perf_counter() - t0
         rep.reduce_due = self.s.reduction_policy().due(self.counters["since_reduction"])
+        rep.window = self.window_items()
         return rep
 
     # -- durability ------------------------------------------------------------------------------
