@@ -94,7 +94,11 @@ class Try:
     passed: bool
     heal_final_kl: float | None
     seconds: dict[str, float] = field(default_factory=dict)  # prune (allocation + refit), reconstruct, heal
-    watch: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> watch set -> perplexity
+    watch: dict[str, dict[str, float]] = field(default_factory=dict)  # stage (as the ppl_* fields) -> set -> ppl
+
+    @property
+    def ppl_before_healing(self) -> dict[str, float]:
+        return self.ppl_reconstructed if self.reconstruction_kept else self.ppl_pruned
 
     def card(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "watch"}
@@ -212,12 +216,11 @@ def reduce(teacher, tokenizer, data: ReductionData, policy: ReductionPolicy, sw:
         if sw.reconstruct != "off":
             cut = {k: v.clone() for k, v in student.state_dict().items()}
             reconstruct(student, teacher, kept_blocks(importance, plan.layers), data.calibration, tokenizer, seq, bs)
-            ppl_reconstructed = ppl(student, data.gate)
+            ppl_reconstructed, watch["reconstructed"] = ppl(student, data.gate), ppl(student, data.watch)
             reconstruction_kept = sw.reconstruct == "on" or worst(ppl_reconstructed) <= worst(ppl_pruned)
             if not reconstruction_kept:
                 student.load_state_dict(cut)
             del cut
-            watch["reconstructed"] = ppl(student, data.watch)
         seconds["reconstruct"] = time.monotonic() - t0
 
         t0 = time.monotonic()
