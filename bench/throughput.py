@@ -369,7 +369,7 @@ def part_hardware(base_model: Path, quick: bool) -> dict:
     from transformers import AutoTokenizer
 
     from learners.data import Example, collate, encode
-    from learners.update import ContinualLearner, UpdateConfig
+    from learners.update import ALL_CONSTRAINTS, ContinualLearner, UpdateConfig
 
     tok = AutoTokenizer.from_pretrained(str(base_model))
     recs = records(64)
@@ -379,7 +379,8 @@ def part_hardware(base_model: Path, quick: bool) -> dict:
     for name, threads, bf16 in (("fp32, 2 threads", 2, False), ("bf16, 2 threads", 2, True),
                                 ("fp32, 1 thread", 1, False)):
         torch.set_num_threads(threads)
-        learner = ContinualLearner(base_model, tok, UpdateConfig(max_seq_len=SEQ, batch_size=BATCH, bf16=bf16))
+        learner = ContinualLearner(base_model, tok, UpdateConfig(max_seq_len=SEQ, batch_size=BATCH, bf16=bf16,
+                                                                    constraints=ALL_CONSTRAINTS, replay_weight=1.0))
         learner.step(exs[:5], exs[5:8])  # warm-up
         t0 = time.perf_counter()
         for i in range(n):
