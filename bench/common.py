@@ -91,6 +91,23 @@ class Daemon:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def free_port() -> int:
+    """A free loopback port between Ray's worker ports (10002-19999) and the kernel's ephemeral range
+    (32768 up), as tests/conftest.py picks them: a port from ``bind(0)`` is one Ray's own processes may
+    take at random while the daemon starts."""
+    import random
+    import socket
+
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
+
+
 def live_model(home: Path, lineage: str = "main"):
     """The lineage's live model: its current generation plus the live adapter (if on it)."""
     from peft import PeftModel

@@ -313,7 +313,14 @@ def markdown_tables(doc: dict) -> str:
              f"ppl {doc['other_domain']} (same) | healed / unpruned (target) |", "|---|---|---|---|---|---|"]
 
     def path(m: dict, which: str) -> str:
-        return " -> ".join(f"{m[k][which]:.2f}" if k in m else "-" for k in ("pruned", "reconstructed", "healed"))
+        """Perplexity after each stage; a reconstruction the held-out set did not agree with is undone before
+        healing (the daemon's rule) and marked."""
+        def cell(k: str) -> str:
+            if k not in m:
+                return "-"
+            undone = k == "reconstructed" and m.get("reconstruction_kept") is False
+            return f"{m[k][which]:.2f}" + (" (undone)" if undone else "")
+        return " -> ".join(cell(k) for k in ("pruned", "reconstructed", "healed"))
 
     note, marks = commit_marks(list(doc["keeps"].values()))
     lines.insert(2, note)
