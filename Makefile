@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 WHEELS := $(wildcard /opt/wheels)
 PIPFLAGS := --disable-pip-version-check $(if $(WHEELS),--find-links $(WHEELS),)
 
-.PHONY: install demo test bench clean services
+.PHONY: install demo test test-fast bench clean services
 
 install: $(STAMP)
 
@@ -38,7 +38,11 @@ services:
 	@bash .ci/services.sh
 
 test: install services
-	$(PY) -m pytest -x -q tests
+	$(PY) -m pytest -x -q --durations=15 tests
+
+# The unit tier: no Ray, no daemon processes (tests/conftest.py UNIT_MODULES); about two minutes.
+test-fast: install services
+	$(PY) -m pytest -x -q --durations=15 -m unit tests
 
 bench: install services $(AVALANCHE_STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -91,6 +91,23 @@ class Daemon:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def free_port() -> int:
+    """A free loopback port between Ray's worker ports (10002-19999) and the kernel's ephemeral range
+    (32768 up), as tests/conftest.py picks them: a port from ``bind(0)`` is one Ray's own processes may
+    take at random while the daemon starts."""
+    import random
+    import socket
+
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
+
+
 def live_model(home: Path, lineage: str = "main"):
     """The lineage's live model: its current generation plus the live adapter (if on it)."""
     from peft import PeftModel
@@ -113,11 +130,57 @@ def safetensors_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
+PACKAGES = ("torch", "transformers", "peft", "ray", "redis", "pydantic-settings", "avalanche-lib")
+
+
+def commit() -> dict:
+    """The git commit the code ran at and whether the work tree had uncommitted changes (``dirty``)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT.parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    # bench/results/ is what a run writes: its own output does not make the code dirty.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return {"commit": git("rev-parse", "--short=12", "HEAD") or "unknown", "dirty": bool(status)}
+
+
+def provenance() -> dict:
+    """What a result was measured with: commit (and dirty flag), package versions, device, threads."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def ver(p: str) -> str | None:
+        try:
+            return version(p)
+        except PackageNotFoundError:
+            return None
+
+    cuda = torch.cuda.is_available()
+    return {**commit(), "packages": {p: ver(p) for p in PACKAGES}, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def write_json(name: str, doc: dict) -> Path:
+    """``doc`` to bench/results/``name`` with the run's :func:`provenance`. Rows merged in from earlier
+    runs carry their own ``commit`` (:func:`commit`), and tables mark it (:func:`commit_marks`)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    doc["provenance"] = provenance()
     p = RESULTS / name
     p.write_text(json.dumps(doc, indent=1) + "\n")
     return p
+
+
+def commit_marks(rows: list[dict]) -> tuple[str, list[str]]:
+    """For a table of ``rows`` (each with a ``commit``): one line naming the commit when they share one,
+    else a mark per row; rows without a commit are marked ``?`` (measured before commits were recorded)."""
+    names = [r.get("commit", "?") + ("+dirty" if r.get("dirty") else "") for r in rows]
+    if len(set(names)) == 1:
+        return f"(all rows: commit {names[0]})", [""] * len(rows)
+    return "(each row: the commit it ran at)", [f" [{n}]" for n in names]
 
 
 def ppl(loss: float) -> float:

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, Daemon, foundation, live_model, ppl, write_json
+from bench.common import RESULTS, Daemon, commit, commit_marks, foundation, live_model, ppl, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         else:
             res = run_config(name, configs[name], train, held, work, seq)
         res["summary"] = summarize(res, doc["foundation_loss"])
-        res["commit"], res["finished"] = git_commit(), time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+        res.update(commit(), finished=time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
         doc["configs"][name] = res
         res["settings"] = {k: str(v) for k, v in res["settings"].items()}
         print(f"  {name}: {json.dumps(res['summary'])}", flush=True)
@@ -204,14 +204,6 @@ def main(argv=None) -> int:
         plot(doc, RESULTS / f"continual{suffix}.png")
     print_table(doc)
     return 0
-
-
-def git_commit() -> str:
-    """The commit a configuration ran at (a run may keep older configurations: ``--update``)."""
-    import subprocess
-
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
-    return out.stdout.strip() or "unknown"
 
 
 def evaluate_foundation(base_model, held, seq) -> dict[str, float]:
@@ -229,12 +221,14 @@ def markdown_table(doc: dict) -> str:
     """The README table: one row per configuration."""
     lines = ["| config | avg final ppl | avg forgetting (nats) | backward transfer (nats) | loss right after own stage "
              f"({', '.join(DOMAINS)}) | steps | rollbacks | minutes |", "|---|---|---|---|---|---|---|---|"]
-    for name, res in doc["configs"].items():
+    note, marks = commit_marks(list(doc["configs"].values()))
+    lines.insert(0, note + "\n")
+    for (name, res), mark in zip(doc["configs"].items(), marks):
         s = res["summary"]
         f = f"{s['avg_forgetting']:.4f}" if "avg_forgetting" in s else "-"
         b = f"{s['backward_transfer']:+.4f}" if "backward_transfer" in s else "-"
         p = " / ".join(f"{x:.3f}" for x in s.get("plasticity", [])) or "-"
-        lines.append(f"| {name} | {s['avg_final_ppl']:.3f} | {f} | {b} | {p} | {res['update_steps']} | "
+        lines.append(f"| {name}{mark} | {s['avg_final_ppl']:.3f} | {f} | {b} | {p} | {res['update_steps']} | "
                      f"{res['rollbacks']} | {res['seconds'] / 60:.1f} |")
     return "\n".join(lines)
 

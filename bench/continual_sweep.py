@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, foundation
+from bench.common import RESULTS, commit, foundation, write_json
 from bench.continual import DOMAINS, NEW_PER_STEP, REPLAYED_PER_STEP, load_data, summarize
 
 PRESETS = {
@@ -63,8 +63,7 @@ def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_
                 k += 1
                 its.append(Interaction(entry_id=f"{k}-0", id=r["id"], prompt=r["prompt"], response=r["response"],
                                        meta=r["meta"]))
-            for i in range(0, len(its), s.window_size()):
-                w.learn(its[i : i + s.window_size()])
+            w.learn_all(its)
             model = w.learner.model
             rows.append([evaluate_loss(model, w.tokenizer, held[d], s.max_seq_len, 8) for d in DOMAINS])
         out = {"R": rows, "seconds": time.monotonic() - t0, "update_steps": w.counters["update_steps"],
@@ -110,14 +109,13 @@ def main(argv=None) -> int:
         name, overrides = parse_config(spec)
         res = run(name, overrides, train, held, common, base_model)
         res["summary"] = summarize(res, [float("nan")] * len(DOMAINS))
-        res.update(name=name, lr=args.lr, per_stage=args.per_stage)
+        res.update(name=name, lr=args.lr, per_stage=args.per_stage, **commit())
         doc["runs"].append(res)
         s = res["summary"]
         print(f"{name:60s} lr={args.lr:g} n={args.per_stage} ppl={s['avg_final_ppl']:.3f} "
               f"forget={s.get('avg_forgetting', float('nan')):.4f} plast={s.get('plasticity', [])} "
               f"final={[round(x, 3) for x in res['R'][-1]]} rb={res['rollbacks']} {res['seconds']:.0f}s", flush=True)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=1) + "\n")
+        write_json(path.name, doc)
     return 0
 
 

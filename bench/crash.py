@@ -42,14 +42,6 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _phase(log: Path) -> str:
     """What the daemon was doing when it died, from the last line of its log."""
     lines = [l for l in log.read_text(errors="replace").splitlines() if "cascade" in l or "lineage" in l]
@@ -71,6 +63,7 @@ def _learner_pids(session: int) -> list[int]:
 def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0, per_cycle: int = 24) -> dict:
     import redis
 
+    from bench.common import free_port
     from daemon.stream import group_info
 
     rng = random.Random(seed)
@@ -87,7 +80,7 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
     learner_kills = 0
 
     def start(n: int):
-        env["CASCADE_METRICS_PORT"] = str(_free_port())
+        env["CASCADE_METRICS_PORT"] = str(free_port())
         log = home.parent / f"daemon-{n}.log"
         proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=open(log, "ab"),
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -2,14 +2,16 @@
 
 The reduction benchmark heals every pruned model for the daemon's budget (24 steps). This asks how far
 distillation alone goes when that budget grows: the benchmark's specialized model (32 LoRA steps on
-Python, merged), pruned to ``--keep`` by activations on the 48 target calibration items with the
-allocation the daemon would choose — plain pruning, as the published run measured it, or with
-``--reconstruct`` the daemon's least-squares refit and block-by-block reconstruction on the lineage's own
-176 items (the reduction benchmark's calibration) — then healed by :func:`learners.reduction.heal` on either the 48
-calibration items or a pool of ``--pool`` target items, with target-domain held-out perplexity read at
-checkpoints along the way. Slow on a CPU; meant for a GPU.
+Python, merged), reduced to ``--keep`` by the daemon's reducer (``learners.reduce.reduce``, through
+``bench.reduction.reduce_once``) — plain pruning scored on the 48 target calibration items (refit and
+reconstruction switched off), as the published run measured it, or with ``--reconstruct`` the daemon's
+least-squares refit and block-by-block reconstruction on the lineage's own 176 items (the reduction
+benchmark's calibration), each kept where the target held-out set agrees — then healed for the run's
+steps (``Switches.heal_steps``, ``heal_lr``, ``heal_batch``) on either the 48 calibration items or a pool
+of ``--pool`` target items, with target-domain held-out perplexity read at checkpoints along the way
+(``Switches.on_heal_step``). Slow on a CPU; meant for a GPU.
 
-Usage: ``python -m bench.heal_scaling [--reconstruct] [--keep 0.6] [--steps 24,96,384] [--pool 1024] [--lrs 1e-4] [--batch 8]
+Usage: ``python -m bench.heal_scaling [--quick] [--reconstruct] [--keep 0.6] [--steps 24,96,384] [--pool 1024] [--lrs 1e-4] [--batch 8]
 [--pools calibration,pool] [--data JSON]`` (``--data``: the data as JSON, read if it exists, else written, for a machine whose corpora
 differ). Writes bench/results/heal-scaling.json.
 """
@@ -18,20 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from bench.common import foundation, ppl, write_json
-from bench.reduction import choose_plan, load_data, specialize
+from bench.reduction import load_data, reduce_once, specialize
 
 
-def load_or_build(path: str | None, pool: int) -> dict:
+def load_or_build(path: str | None, pool: int, quick: bool = False) -> dict:
     from learners.data import Example
 
     if path and Path(path).exists():
         doc = json.loads(Path(path).read_text())
         return {k: [Example.from_json(x) for x in v] if k != "train_records" else v for k, v in doc.items()}
-    data = load_data(128 + pool, 48, 24, n_other=48)
+    data = load_data(16 + pool, 8, 8, n_other=8) if quick else load_data(128 + pool, 48, 24, n_other=48)
     if path:
         Path(path).write_text(json.dumps({k: v if k == "train_records" else [e.to_json() for e in v]
                                           for k, v in data.items()}))
@@ -40,6 +41,7 @@ def load_or_build(path: str | None, pool: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a smoke run: little data, 2 healing steps")
     ap.add_argument("--keep", type=float, default=0.6)
     ap.add_argument("--steps", default="24,96,384", help="checkpoints (the last is the run's length)")
     ap.add_argument("--pool", type=int, default=1024, help="target items beyond the specialization's 128")
@@ -53,51 +55,51 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from learners.reduction import activation_importance, heal, kept_blocks, prune, reconstruct
     from learners.update import evaluate_loss
 
-    seq = 128
+    seq, n_spec = (64, 16) if args.quick else (128, 128)
+    if args.quick:
+        args.steps, args.pool, args.out = "1,2", 16, "heal-scaling-quick.json"
     base = foundation()
     tok = AutoTokenizer.from_pretrained(str(base))
-    data = load_or_build(args.data, args.pool)
+    data = load_or_build(args.data, args.pool, args.quick)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoints = [int(s) for s in args.steps.split(",")]
     # The benchmark's specialized model; on a GPU the specialization itself runs there too.
-    spec = specialize(base, tok, {**data, "train": data["train"][:128]}, 32, seq).to(device)
-    pools = {"calibration (48)": data["calib"], f"pool ({len(data['train'][128:])})": data["train"][128:]}
+    spec = specialize(base, tok, {**data, "train": data["train"][:n_spec]}, 4 if args.quick else 32, seq).to(device)
+    pools = {f"calibration ({len(data['calib'])})": data["calib"],
+             f"pool ({len(data['train'][n_spec:])})": data["train"][n_spec:]}
     pools = {k: v for k, v in pools.items() if k.split()[0] in args.pools.split(",")}
     target = lambda m: ppl(evaluate_loss(m, tok, data["held"], seq))  # noqa: E731
-    own = data["train"][:128] + data["calib"]
-    if args.reconstruct:
-        imp = activation_importance(spec, own, tok, seq)
-    else:  # plain pruning: scored on the calibration items, no least-squares refit
-        imp = replace(activation_importance(spec, data["calib"], tok, seq), mlp_gram=None, attn_gram=None)
-    plan, _ = choose_plan(spec, imp, tok, data["calib"], seq, args.keep)
-    doc = {"keep": args.keep, "plan": plan.label, "device": device, "reconstruct": args.reconstruct,
+    own = data["train"][:n_spec] + data["calib"]
+    # --reconstruct: the daemon's steps on the lineage's own items; else plain pruning scored on the calibration items.
+    calibration, switches = (own, {}) if args.reconstruct else (data["calib"], {"refit": "off", "reconstruct": "off"})
+    doc = {"keep": args.keep, "device": device, "reconstruct": args.reconstruct,
            "machine": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": args.batch,
            "unpruned_ppl": target(spec), "runs": []}
-    print(f"unpruned {doc['unpruned_ppl']:.2f}, plan {plan.label}", flush=True)
     for lr in [float(x) for x in args.lrs.split(",")]:
         for pool_name, pool in pools.items():
-            student = prune(spec, imp, plan.intermediate, plan.kv_heads, plan.layers)
-            if args.reconstruct:
-                reconstruct(student, spec, kept_blocks(imp, plan.layers), own, tok, seq)
-            run = {"lr": lr, "data": pool_name, "pruned_ppl": target(student), "at": {}}
+            run = {"lr": lr, "data": pool_name, "at": {}}
             doc["runs"].append(run)
-            print(f"  lr {lr:g} {pool_name}: before healing ppl {run['pruned_ppl']:.2f}", flush=True)
             t0 = time.monotonic()
 
-            def progress(step: int, total: int, loss: float) -> None:
+            def at_step(student, step: int, total: int, loss: float, run=run) -> None:
                 if step in checkpoints:
                     p = target(student)
                     run["at"][step] = {"ppl": p, "ratio": p / doc["unpruned_ppl"], "kl": loss,
                                        "seconds": time.monotonic() - t0}
-                    print(f"  lr {lr:g} {pool_name}: step {step} ppl {run['at'][step]['ppl']:.2f} "
+                    print(f"  lr {run['lr']:g} {run['data']}: step {step} ppl {p:.2f} "
                           f"({run['at'][step]['ratio']:.2f}x)", flush=True)
                     write_json(args.out, doc)  # a run cut off by a time limit keeps its checkpoints
 
-            heal(student, spec, pool, tok, seq, checkpoints[-1], lr=lr, batch_size=args.batch, progress=progress)
-            del student
+            red = reduce_once(spec, tok, {**data, "train": data["train"][:n_spec]}, seq, args.keep, checkpoints[-1], calibration, heal_items=pool,
+                              heal_lr=lr, heal_batch=args.batch, on_heal_step=at_step, **switches)
+            (t,) = red.record.tries
+            doc["plan"] = t.plan
+            run["pruned_ppl"] = t.ppl_before_healing["target"]
+            run["refit_kept"], run["reconstruction_kept"] = t.refit_kept, t.reconstruction_kept
+            print(f"  lr {lr:g} {pool_name} ({t.plan}): before healing ppl {run['pruned_ppl']:.2f}", flush=True)
+            del red
     print(json.dumps(doc["runs"], indent=1))
     return 0
 

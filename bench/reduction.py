@@ -2,15 +2,18 @@
 
 1. Specialize: a LoRA adapter learns Python standard-library sources, then is merged (the model the
    reduction starts from, as in the daemon).
-2. For each keep ratio, the allocation (MLP width / KV groups / depth) is chosen as the daemon does
-   (lowest calibration loss among ``plan_candidates``), then the same shape is pruned with four
-   importance scores: activations on the target domain (the method: the lineage's own 176 items, as the
-   daemon's calibration set), activations on as many items of another domain (man pages), weight
-   magnitude, random. The two calibrated ones are refitted by least squares and reconstructed block by
-   block on their calibration data (the data-free baselines have none). Each is then healed by
-   distillation from the specialized model on the target items for the same steps. Perplexity on target
-   and other held-out documents after pruning, reconstruction and healing, parameters and safetensors
-   bytes are recorded.
+2. For each keep ratio, the daemon's reducer (``learners.reduce.reduce``, the function the daemon calls)
+   runs with four importance scores: activations on the target domain (the method: the lineage's own
+   176 items, as the daemon's calibration set), activations on as many items of another domain (man
+   pages), weight magnitude, random. The allocation (MLP width / KV groups / depth) is the one the
+   reducer chooses for the target-domain scores; the other three prune to that same shape
+   (``Switches.plan``). The calibrated ones get the daemon's least-squares refit and block-by-block
+   reconstruction on their calibration data, each kept only where the target held-out set agrees (the
+   daemon's rule; the data-free baselines have no data to reconstruct on: ``reconstruct="off"``). Each is
+   then healed by distillation from the specialized model on the lineage's items for the same steps.
+   Perplexity on target and other held-out documents after pruning, reconstruction and healing
+   (the other domain as a ``watch`` set: measured, never judged), parameters and safetensors bytes are
+   recorded.
 3. Speed and memory, side by side: CPU forward tokens/s of each keep's activation-pruned model against
    the unpruned specialized model (interleaved repetitions, median), and peak RSS of a fresh process
    that loads the checkpoint and runs the same forward.
@@ -39,7 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, Daemon, foundation, live_model, ppl, safetensors_bytes, write_json
+from bench.common import (RESULTS, Daemon, commit, commit_marks, foundation, live_model, ppl, safetensors_bytes,
+                          write_json)
 
 TARGET, OTHER = "python", "man"
 METHODS = ["activation-target", "activation-other", "magnitude", "random"]
@@ -150,64 +154,64 @@ def measure_speed(spec, student, tok, examples, seq: int, student_dir: Path, rep
             "unpruned_peak_rss": peak_rss(student_dir.parent / "specialized", seq, threads)}
 
 
-def choose_plan(spec, importance, tok, calib, seq: int, keep: float):
-    """The allocation of ``keep`` the daemon would choose: the lowest loss, right after pruning, on half the
-    calibration items; returns it and every candidate as (loss, plan)."""
-    from learners.reduction import prune
-    from learners.update import evaluate_loss
-    from policies.reduction import ModelShape, plan_candidates
+def reduce_once(spec, tok, data: dict, seq: int, keep: float, heal_steps: int, calibration, heal_items=None,
+                **switches):
+    """The daemon's reducer at one keep ratio, no back-off (a budget nothing fails): judged on the target
+    held-out set as the daemon judges on its lineage's, the other domain watched alongside."""
+    import math
 
-    probe = calib[: len(calib) // 2]
-    candidates = []
-    for plan in plan_candidates(ModelShape.of(spec.config), keep):
-        student = prune(spec, importance, plan.intermediate, plan.kv_heads, plan.layers)
-        candidates.append((evaluate_loss(student, tok, probe, seq), plan))
-        del student
-    return min(candidates, key=lambda c: c[0])[1], candidates
+    from learners.reduce import ReductionData, Switches, reduce
+    from policies.reduction import ReductionPolicy
+
+    own = data["train"] + data["calib"]
+    rd = ReductionData(calibration=list(calibration), heal=list(heal_items or own), gate={"target": data["held"]},
+                       watch={"other": data["other_held"]})
+    policy = ReductionPolicy(every=0, keep=keep, budget=math.inf, max_tries=1)
+    return reduce(spec, tok, rd, policy, Switches(max_seq_len=seq, heal_steps=heal_steps, **switches))
 
 
-def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work: Path, eval_fn) -> dict:
-    from learners.reduction import (activation_importance, count_parameters, heal, kept_blocks, magnitude_importance,
-                                    prune, random_importance, reconstruct)
+def stages(t) -> dict:
+    """A reducer try's perplexities, target and other, per stage (reconstructed: before its keep decision)."""
+    out = {}
+    for stage, gate in (("pruned", t.ppl_pruned), ("reconstructed", t.ppl_reconstructed), ("healed", t.ppl_healed)):
+        if gate is not None:
+            out[stage] = {"target": gate["target"], "other": t.watch[stage]["other"]}
+    return out
 
+
+def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work: Path) -> dict:
     own = data["train"] + data["calib"]  # what the lineage has seen: the daemon's calibration and healing data
     calibration = {"activation-target": own, "activation-other": data["other_calib"]}
-    imps = {**{m: activation_importance(spec, d, tok, seq) for m, d in calibration.items()},
-            "magnitude": magnitude_importance(spec), "random": random_importance(spec)}
-    plan, candidates = choose_plan(spec, imps["activation-target"], tok, data["calib"], seq, keep)
-    print(f"keep {keep}: allocations " + ", ".join(f"{p.label}={l:.3f}" for l, p in candidates)
-          + f" -> {plan.label}", flush=True)
-    out = {"plan": plan.label, "keep_achieved": plan.keep_achieved,
-           "candidates": {p.label: loss for loss, p in candidates}, "methods": {}}
+    out, plan = {"methods": {}, **commit()}, None
     for method in METHODS:
-        t0 = time.monotonic()
-        student = prune(spec, imps[method], plan.intermediate, plan.kv_heads, plan.layers)
-        row = {"pruned": eval_fn(student), "n_params": count_parameters(student)}
-        if method in calibration:
-            reconstruct(student, spec, kept_blocks(imps[method], plan.layers), calibration[method], tok, seq)
-            row["reconstructed"] = eval_fn(student)
-        row["reconstruct_seconds"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        heal(student, spec, own, tok, seq, heal_steps)  # the daemon's learning rate and batch
-        row["healed"], row["heal_seconds"] = eval_fn(student), time.monotonic() - t0
+        switches = {"importance": method.split("-")[0], "plan": plan}
+        if method not in calibration:
+            switches["reconstruct"] = "off"
+        red = reduce_once(spec, tok, data, seq, keep, heal_steps, calibration.get(method, own), **switches)
+        (t,) = red.record.tries
+        if plan is None:  # the first method, activation-target, chooses the allocation for all four
+            plan = red.record.plan
+            out.update(plan=plan.label, keep_achieved=plan.keep_achieved, candidates=t.candidates)
+            print(f"keep {keep}: allocations " + ", ".join(f"{k}={v:.3f}" for k, v in t.candidates.items())
+                  + f" -> {plan.label}", flush=True)
+        row = {**stages(t), "n_params": red.record.n_params_after, "refit_kept": t.refit_kept,
+               "reconstruction_kept": t.reconstruction_kept,
+               "reconstruct_seconds": t.seconds["prune"] + t.seconds["reconstruct"], "heal_seconds": t.seconds["heal"]}
         if method == "activation-target":
-            row["bytes"] = file_bytes(student, tok, work / f"keep{keep}")
-            out["speed"] = measure_speed(spec, student, tok, data["held"][:8], seq, work / f"keep{keep}")
+            row["bytes"] = file_bytes(red.model, tok, work / f"keep{keep}")
+            out["speed"] = measure_speed(spec, red.model, tok, data["held"][:8], seq, work / f"keep{keep}")
         out["methods"][method] = row
         steps = [row[k] for k in ("pruned", "reconstructed", "healed") if k in row]
         print(f"  {method}: ppl target / other " + " -> ".join(f"{p['target']:.2f} / {p['other']:.2f}" for p in steps),
               flush=True)
-        del student
+        del red
     return out
 
 
-def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: int, heal_steps: int,
-                    eval_fn) -> list[dict]:
+def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: int, heal_steps: int) -> list[dict]:
     """The target-domain method at ``keep`` with the first ``n`` of the lineage's items for importance,
     allocation, reconstruction and healing, for each ``n`` in ``sizes`` (the first ``n`` = the 176 of the
     keep table; the rest are further Python items from other documents than the held-out ones)."""
-    from learners.reduction import activation_importance, heal, kept_blocks, prune, reconstruct
-
     own = data["train"] + data["calib"]
     seen = {(e.prompt, e.response) for e in own}
     more = load_data(max(sizes) - len(data["calib"]), len(data["calib"]), len(data["held"]))
@@ -215,21 +219,17 @@ def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: i
     pool = own + [e for e in more["train"] + more["calib"] if (e.prompt, e.response) not in seen]
     rows = []
     for n in sizes:
-        items, t0 = pool[:n], time.monotonic()
-        importance = activation_importance(spec, items, tok, seq)
-        plan, _ = choose_plan(spec, importance, tok, data["calib"], seq, keep)
-        student = prune(spec, importance, plan.intermediate, plan.kv_heads, plan.layers)
-        row = {"items": len(items), "plan": plan.label, "pruned": eval_fn(student)}
-        reconstruct(student, spec, kept_blocks(importance, plan.layers), items, tok, seq)
-        row["reconstructed"], row["reconstruct_seconds"] = eval_fn(student), time.monotonic() - t0
-        t0 = time.monotonic()
-        heal(student, spec, items, tok, seq, heal_steps)
-        row["healed"], row["heal_seconds"] = eval_fn(student), time.monotonic() - t0
-        print(f"  calibration {len(items)} items ({plan.label}): ppl target / other "
+        items = pool[:n]
+        red = reduce_once(spec, tok, data, seq, keep, heal_steps, items, heal_items=items)
+        (t,) = red.record.tries
+        row = {"items": len(items), "plan": t.plan, **stages(t), **commit(), "refit_kept": t.refit_kept,
+               "reconstruction_kept": t.reconstruction_kept,
+               "reconstruct_seconds": t.seconds["prune"] + t.seconds["reconstruct"], "heal_seconds": t.seconds["heal"]}
+        print(f"  calibration {len(items)} items ({t.plan}): ppl target / other "
               + " -> ".join(f"{row[k]['target']:.2f} / {row[k]['other']:.2f}"
                             for k in ("pruned", "reconstructed", "healed")), flush=True)
         rows.append(row)
-        del student
+        del red
     return rows
 
 
@@ -248,7 +248,7 @@ def run_cascade(base: Path, data: dict, seq: int, generations: int, work: Path, 
     def measure(label: str) -> dict:
         model, tok = live_model(daemon.home)
         n = sum(p.numel() for n_, p in model.named_parameters() if "lora_" not in n_)
-        row = {"generation": label, "n_params": n,
+        row = {"generation": label, "n_params": n, **commit(),
                "ppl_target": ppl(evaluate_loss(model, tok, data["held"], seq)),
                "ppl_other": ppl(evaluate_loss(model, tok, data["other_held"], seq))}
         print(f"  cascade {label}: {row}", flush=True)
@@ -313,11 +313,21 @@ def markdown_tables(doc: dict) -> str:
              f"ppl {doc['other_domain']} (same) | healed / unpruned (target) |", "|---|---|---|---|---|---|"]
 
     def path(m: dict, which: str) -> str:
-        return " -> ".join(f"{m[k][which]:.2f}" if k in m else "-" for k in ("pruned", "reconstructed", "healed"))
+        """Perplexity after each stage; a reconstruction the held-out set did not agree with is undone before
+        healing (the daemon's rule) and marked."""
+        def cell(k: str) -> str:
+            if k not in m:
+                return "-"
+            undone = k == "reconstructed" and m.get("reconstruction_kept") is False
+            return f"{m[k][which]:.2f}" + (" (undone)" if undone else "")
+        return " -> ".join(cell(k) for k in ("pruned", "reconstructed", "healed"))
 
-    for keep, v in doc["keeps"].items():
+    note, marks = commit_marks(list(doc["keeps"].values()))
+    lines.insert(2, note)
+    lines.insert(3, "")
+    for (keep, v), mark in zip(doc["keeps"].items(), marks):
         for method, m in v["methods"].items():
-            lines.append(f"| {keep} | {v['plan']} | {method} | {path(m, 'target')} | {path(m, 'other')} | "
+            lines.append(f"| {keep}{mark} | {v['plan']} | {method} | {path(m, 'target')} | {path(m, 'other')} | "
                          f"{m['healed']['target'] / base['ppl']['target']:.2f}x |")
     speeds = {k: v["speed"] for k, v in doc["keeps"].items() if "speed" in v}
     if speeds:
@@ -331,19 +341,21 @@ def markdown_tables(doc: dict) -> str:
                          f"({sp['unpruned_peak_rss'] / 2**20:.0f}) |")
     if doc.get("calibration"):
         cal = doc["calibration"]
-        lines += ["", f"| keep {cal['keep']}: lineage items used | shape | ppl {doc['target_domain']} pruned -> "
+        note, marks = commit_marks(cal["rows"])
+        lines += ["", note, "", f"| keep {cal['keep']}: lineage items used | shape | ppl {doc['target_domain']} pruned -> "
                   "reconstructed -> healed | healed / unpruned | "
                   f"ppl {doc['other_domain']} healed | reduction minutes |", "|---|---|---|---|---|---|"]
-        for r in cal["rows"]:
-            lines.append(f"| {r['items']} | {r['plan']} | {path(r, 'target')} | "
+        for r, mark in zip(cal["rows"], marks):
+            lines.append(f"| {r['items']}{mark} | {r['plan']} | {path(r, 'target')} | "
                          f"{r['healed']['target'] / base['ppl']['target']:.2f}x | {r['healed']['other']:.2f} | "
                          f"{(r['reconstruct_seconds'] + r['heal_seconds']) / 60:.1f} |")
     if doc.get("cascade"):
-        lines += ["", f"| generation | parameters | ppl {doc['target_domain']} | ppl {doc['other_domain']} | "
+        note, marks = commit_marks(doc["cascade"])
+        lines += ["", note, "", f"| generation | parameters | ppl {doc['target_domain']} | ppl {doc['other_domain']} | "
                   "next: plan (keep achieved) | reduction minutes |", "|---|---|---|---|---|---|"]
-        for r in doc["cascade"]:
+        for r, mark in zip(doc["cascade"], marks):
             nxt = r.get("next")
-            lines.append(f"| {r['generation']} | {r['n_params']:,} | {r['ppl_target']:.2f} | {r['ppl_other']:.2f} | "
+            lines.append(f"| {r['generation']}{mark} | {r['n_params']:,} | {r['ppl_target']:.2f} | {r['ppl_other']:.2f} | "
                          + (f"{nxt['plan']} ({nxt['keep_achieved']:.3f}) | {r['reduction_seconds'] / 60:.1f} |"
                             if nxt else "- | - |"))
     return "\n".join(lines)
@@ -400,7 +412,7 @@ def main(argv=None) -> int:
         path = RESULTS / f"reduction{suffix}.json"
         doc = json.loads(path.read_text())
         keep = keeps[len(keeps) // 2]
-        rows = run_calibration(sizes, keep, spec, tok, data, seq, heal_steps, eval_fn)
+        rows = run_calibration(sizes, keep, spec, tok, data, seq, heal_steps)
         earlier = doc.get("calibration") or {}
         if earlier.get("keep") == keep:  # a row per item count: new ones replace, the rest stay
             measured = {r["items"] for r in rows}
@@ -424,11 +436,10 @@ def main(argv=None) -> int:
         plot(doc, RESULTS / f"reduction{suffix}.png")
 
     for keep in keeps:
-        doc["keeps"][str(keep)] = run_keep(keep, spec, tok, data, seq, heal_steps, work, eval_fn)
+        doc["keeps"][str(keep)] = run_keep(keep, spec, tok, data, seq, heal_steps, work)
         save()
     keep = keeps[len(keeps) // 2]
-    doc["calibration"] = {"keep": keep, "rows": run_calibration(sizes, keep, spec, tok, data, seq, heal_steps,
-                                                                eval_fn)}
+    doc["calibration"] = {"keep": keep, "rows": run_calibration(sizes, keep, spec, tok, data, seq, heal_steps)}
     save()
 
     del spec

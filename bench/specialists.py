@@ -126,9 +126,8 @@ def main(argv=None) -> int:
         w = LineageWorker(s, lineage)
         its = interactions(streams[lineage], k)
         k += len(its)
-        for i in range(0, len(its), s.window_size()):
-            rep = w.learn(its[i : i + s.window_size()])
-            print(f"{lineage}: window {i // s.window_size() + 1}, train loss {rep.train_loss:.3f}"
+        for i, rep in enumerate(w.learn_all(its)):
+            print(f"{lineage}: window {i + 1}, train loss {rep.train_loss:.3f}"
                   f"{', rolled back' if rep.rollback else ''}", flush=True)
         learned = w.counters["interactions_learned"]
         red = w.reduce("benchmark")

@@ -39,9 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import RESULTS, Daemon, foundation, write_json
-from bench.crash import _free_port as free_port
-from daemon.stream import _id_tuple, _sid
+from bench.common import RESULTS, Daemon, foundation, free_port, write_json
 
 SEQ = 128
 BATCH = 8
@@ -190,7 +188,14 @@ def steady_producer(d: Daemon, rate: float, recs: list[dict], stream: str = "cas
     """Publish ``recs`` at ``rate`` per second; seconds from each XADD to its acknowledgement."""
     import redis
 
-    r = redis.Redis(connection_pool=d.redis.connection_pool)
+    # The daemon's socket, answers as str.
+    pool = d.redis.connection_pool
+    r = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class,
+                                                         **{**pool.connection_kwargs, "decode_responses": True}))
+
+    def order(entry_id: str) -> tuple[int, int]:
+        ms, _, seq = entry_id.partition("-")
+        return int(ms), int(seq or 0)
     sent: dict[str, float] = {}
     acked: dict[str, float] = {}
     done = threading.Event()
@@ -199,10 +204,10 @@ def steady_producer(d: Daemon, rate: float, recs: list[dict], stream: str = "cas
         # An entry is acknowledged once the group has delivered past it and it is no longer pending.
         while not done.is_set():
             now = time.time()
-            last = next(g["last-delivered-id"] for g in r.xinfo_groups(stream) if _sid(g["name"]) == group)
-            pending = {_sid(p["message_id"]) for p in r.xpending_range(stream, group, "-", "+", 100_000)}
+            last = next(g["last-delivered-id"] for g in r.xinfo_groups(stream) if g["name"] == group)
+            pending = {p["message_id"] for p in r.xpending_range(stream, group, "-", "+", 100_000)}
             for eid in [e for e in sent if e not in acked]:
-                if _id_tuple(eid) <= _id_tuple(_sid(last)) and eid not in pending:
+                if order(eid) <= order(last) and eid not in pending:
                     acked[eid] = now
             time.sleep(0.05)
 
@@ -213,7 +218,7 @@ def steady_producer(d: Daemon, rate: float, recs: list[dict], stream: str = "cas
         t_next += 1.0 / rate
         time.sleep(max(0.0, t_next - time.time()))
         fields = {"prompt": rec["prompt"], "response": rec["response"], "id": rec["id"]}
-        eid = _sid(r.xadd(stream, fields))
+        eid = r.xadd(stream, fields)
         sent[eid] = time.time()
     wait_for(lambda: len(acked) == len(sent), "every entry to be acknowledged", 3600)
     done.set()
@@ -369,7 +374,7 @@ def part_hardware(base_model: Path, quick: bool) -> dict:
     from transformers import AutoTokenizer
 
     from learners.data import Example, collate, encode
-    from learners.update import ContinualLearner, UpdateConfig
+    from learners.update import ALL_CONSTRAINTS, ContinualLearner, UpdateConfig
 
     tok = AutoTokenizer.from_pretrained(str(base_model))
     recs = records(64)
@@ -379,7 +384,8 @@ def part_hardware(base_model: Path, quick: bool) -> dict:
     for name, threads, bf16 in (("fp32, 2 threads", 2, False), ("bf16, 2 threads", 2, True),
                                 ("fp32, 1 thread", 1, False)):
         torch.set_num_threads(threads)
-        learner = ContinualLearner(base_model, tok, UpdateConfig(max_seq_len=SEQ, batch_size=BATCH, bf16=bf16))
+        learner = ContinualLearner(base_model, tok, UpdateConfig(max_seq_len=SEQ, batch_size=BATCH, bf16=bf16,
+                                                                    constraints=ALL_CONSTRAINTS, replay_weight=1.0))
         learner.step(exs[:5], exs[5:8])  # warm-up
         t0 = time.perf_counter()
         for i in range(n):

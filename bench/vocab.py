@@ -1,7 +1,7 @@
 """Vocabulary trimming on SmolLM2-135M specialized to Python, alone and after pruning to keep 0.6.
 
-The model is specialized and pruned as in ``bench.reduction`` (same data, steps, allocation choice,
-reconstruction and healing, activation-target scores). Then each of the unpruned and the pruned model
+The model is specialized and reduced as in ``bench.reduction`` (same data and steps, the daemon's reducer
+``learners.reduce.reduce`` with activation-target scores). Then each of the unpruned and the pruned model
 is trimmed (``learners.vocab``) to the tokens of the lineage's own 176 items, and of 600 and 1,900
 Python items from documents other than the held-out ones (about what a full default replay buffer
 holds). For every model, side by side: parameters, safetensors bytes, held-out loss in bits per byte of
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.common import foundation, ppl, write_json
-from bench.reduction import choose_plan, file_bytes, forward_speed, load_data, peak_rss, specialize
+from bench.reduction import file_bytes, forward_speed, load_data, peak_rss, reduce_once, specialize
 
 
 def replay_items(n: int, held) -> list:
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from learners.reduction import activation_importance, count_parameters, heal, kept_blocks, prune, reconstruct
+    from learners.reduction import count_parameters
     from learners.update import evaluate_loss
     from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
 
@@ -77,11 +77,8 @@ def main(argv=None) -> int:
     seen = {f"{len(own)} (own)": own, **{str(n): replay_items(n, data["held"]) for n in counts}}
     t0 = time.monotonic()
     spec = specialize(base, tok, data, spec_steps, seq)
-    imp = activation_importance(spec, own, tok, seq)
-    plan, _ = choose_plan(spec, imp, tok, data["calib"], seq, keep_ratio)
-    pruned = prune(spec, imp, plan.intermediate, plan.kv_heads, plan.layers)
-    reconstruct(pruned, spec, kept_blocks(imp, plan.layers), own, tok, seq)
-    heal(pruned, spec, own, tok, seq, heal_steps)
+    red = reduce_once(spec, tok, data, seq, keep_ratio, heal_steps, own)  # the daemon's reducer, as bench.reduction
+    pruned, plan = red.model, red.record.plan
     print(f"specialized and pruned to {plan.label} ({time.monotonic() - t0:.0f} s)", flush=True)
 
     models = {"unpruned": (spec, tok), f"keep {keep_ratio}": (pruned, tok)}

@@ -19,6 +19,10 @@ from policies.reduction import ReductionPolicy
 _toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cascade_toml", default=None)
 
 
+_U = UpdateConfig()  # the update step's defaults, written once (learners/config.py)
+ESSENTIAL, TUNING, EXPERIMENTAL = ({"group": g} for g in ("essential", "tuning", "experimental"))
+
+
 class SettingsError(ValueError):
     """A setting is invalid; the message names it."""
 
@@ -27,86 +31,140 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="forbid", validate_default=True)
 
     # -- where things are ------------------------------------------------------------------------
-    home: Path = Field(Path("./.cascade"), description="state root: registry, checkpoints, replay, embedded Redis")
-    redis_url: str | None = Field(None, description="Redis to read from; unset = embedded Redis under home")
-    ray_address: str | None = Field(None, description="existing Ray cluster (ray://... or auto); unset = local Ray")
-    stream: str = Field("cascade:interactions", min_length=1, max_length=256)
-    group: str = Field("cascade", min_length=1, max_length=256)
-    base_model: Path | None = Field(None, description="generation 0 of lineage main; unset = embedded SmolLM2-135M")
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(9477, ge=0, le=65535)
+    home: Path = Field(Path("./.cascade"), description="state root: registry, checkpoints, replay, embedded Redis",
+                       json_schema_extra=ESSENTIAL)
+    redis_url: str | None = Field(None, description="Redis to read from (redis://, rediss://, unix://; password in "
+                                  "the URL); unset = embedded Redis under home", json_schema_extra=ESSENTIAL)
+    ray_address: str | None = Field(None, description="existing Ray cluster (ray://... or auto); unset = local Ray",
+                                    json_schema_extra=ESSENTIAL)
+    stream: str = Field("cascade:interactions", min_length=1, max_length=256, description="interaction stream key",
+                        json_schema_extra=ESSENTIAL)
+    group: str = Field("cascade", min_length=1, max_length=256, description="consumer group on the stream",
+                       json_schema_extra=ESSENTIAL)
+    base_model: Path | None = Field(None, description="generation 0 of lineage main: a local HF model directory; "
+                                    "unset = embedded SmolLM2-135M", json_schema_extra=ESSENTIAL)
+    metrics_host: str = Field("127.0.0.1", description="address of /metrics and /healthz", json_schema_extra=ESSENTIAL)
+    metrics_port: int = Field(9477, ge=0, le=65535, description="port of /metrics and /healthz (0 = any free port)",
+                              json_schema_extra=ESSENTIAL)
 
     # -- the update step -------------------------------------------------------------------------
-    batch_size: int = Field(8, ge=1, le=1024, description="rows per optimizer step, new + replayed")
-    learning_rate: float = Field(2e-4, gt=0, le=1.0)
-    max_seq_len: int = Field(256, ge=8, le=8192)
-    lora_rank: int = Field(16, ge=1, le=512)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype of the learner (CPU or GPU)")
-    device: str = Field("auto", description="where learners run: auto (a GPU when one is present), cpu, cuda, cuda:N")
-    window_steps: int = Field(4, ge=1, le=1000, description="optimizer steps per update window (one gate check)")
+    batch_size: int = Field(_U.batch_size, ge=1, le=1024, description="rows per optimizer step, new + replayed",
+                            json_schema_extra=ESSENTIAL)
+    learning_rate: float = Field(_U.learning_rate, gt=0, le=1.0, description="AdamW learning rate of the LoRA "
+                                 "adapter", json_schema_extra=ESSENTIAL)
+    max_seq_len: int = Field(_U.max_seq_len, ge=8, le=8192, description="tokens per row (prompt + response); longer "
+                             "rows lose the start of the prompt", json_schema_extra=ESSENTIAL)
+    lora_rank: int = Field(_U.lora_rank, ge=1, le=512, description="rank of the LoRA adapter on every linear layer",
+                           json_schema_extra=ESSENTIAL)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="autocast dtype of the learner (CPU or GPU)",
+                                               json_schema_extra=TUNING)
+    device: str = Field("auto", description="where learners run: auto (a GPU when one is present), cpu, cuda, cuda:N",
+                        json_schema_extra=ESSENTIAL)
+    window_steps: int = Field(4, ge=1, le=1000, description="optimizer steps per update window (one gate check); "
+                              "the learner asks for as many interactions as fill them", json_schema_extra=TUNING)
 
     # -- keeping what it knew --------------------------------------------------------------------
-    replay_ratio: float = Field(0.4, ge=0.0, lt=1.0, description="share of each batch drawn from replay")
-    replay_weight: float = Field(0.5, ge=0.0, le=1.0, description="a replayed row's weight in the task loss, "
-                                 "relative to a new row's (1 = every row alike)")
-    replay_capacity: int = Field(2000, ge=0, le=10_000_000)
-    replay_max_bytes: int = Field(64 << 20, ge=0)
-    constraints: str = Field("replay,distill,clip", description="'none' or a comma list of " + ",".join(sorted(ALL_CONSTRAINTS)))
-    anchor_weight: float = Field(1.0, ge=0)
-    distill_weight: float = Field(0.5, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    max_update_scale: float = Field(1.0, gt=0, description="cap on one step's L2 change to the adapter, in units of "
-                                    "learning_rate x sqrt(trainable parameters)")
-    gate: bool = Field(True, description="on/off: the held-out check that rolls an update back")
-    gate_step_budget: float = Field(0.05, gt=0, description="nats a held-out source may rise in one window")
-    gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best")
-    heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of interactions kept out of training")
-    heldout_per_domain: int = Field(32, ge=1, le=10_000)
-    gate_min_items: int = Field(8, ge=1, description="held-out items a source needs before the gate judges it")
+    replay_ratio: float = Field(_U.replay_ratio, ge=0.0, lt=1.0, description="share of each batch drawn from "
+                                "replay; 0 = no replay (the one switch for replay)", json_schema_extra=ESSENTIAL)
+    replay_weight: float = Field(_U.replay_weight, ge=0.0, le=1.0, description="a replayed row's weight in the task "
+                                 "loss, relative to a new row's (1 = every row alike)", json_schema_extra=TUNING)
+    replay_capacity: int = Field(2000, ge=0, le=10_000_000, description="replay items kept per lineage (reservoir)",
+                                 json_schema_extra=ESSENTIAL)
+    replay_max_bytes: int = Field(64 << 20, ge=0, description="bytes of text the replay store keeps per lineage",
+                                  json_schema_extra=TUNING)
+    constraints: str = Field(",".join(sorted(_U.constraints)), description="the loss terms on: 'none' or a comma "
+                             "list of " + ",".join(sorted(ALL_CONSTRAINTS)) + " ('replay' is accepted as an old "
+                             "spelling and changes nothing: replay_ratio decides)", json_schema_extra=ESSENTIAL)
+    anchor_weight: float = Field(_U.anchor_weight, ge=0, description="weight of the L2 pull towards the last "
+                                 "accepted adapter ('anchor')", json_schema_extra=TUNING)
+    distill_weight: float = Field(_U.distill_weight, ge=0, description="weight of the KL to the generation on "
+                                  "replayed rows ('distill')", json_schema_extra=TUNING)
+    max_grad_norm: float = Field(_U.max_grad_norm, gt=0, description="gradient clipping norm ('clip')",
+                                 json_schema_extra=TUNING)
+    max_update_scale: float = Field(_U.max_update_scale, gt=0, description="cap on one step's L2 change to the "
+                                    "adapter, in units of learning_rate x sqrt(trainable parameters) ('clip')",
+                                    json_schema_extra=TUNING)
+    gate: bool = Field(True, description="on/off: the held-out check that rolls an update back (the held-out "
+                       "split is kept either way)", json_schema_extra=ESSENTIAL)
+    gate_step_budget: float = Field(0.05, gt=0, description="nats a held-out source may rise in one window",
+                                    json_schema_extra=TUNING)
+    gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best",
+                                     json_schema_extra=TUNING)
+    heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of interactions kept out of training "
+                                    "(chosen by a hash of the id), per source", json_schema_extra=TUNING)
+    heldout_per_domain: int = Field(32, ge=1, le=10_000, description="held-out items kept per source (reservoir)",
+                                    json_schema_extra=TUNING)
+    gate_min_items: int = Field(8, ge=1, description="held-out items a source needs before the gate judges it",
+                                json_schema_extra=TUNING)
 
     # -- phases and self-tuning -------------------------------------------------------------------
     phases: str = Field("", description="phases of each adapter's life, e.g. 'warmup: steps=40, modules=q_proj+v_proj, "
-                        "lr_scale=0.5, replay_ratio=0.6; full' (see policies/schedule.py); empty = one phase")
+                        "lr_scale=0.5, replay_ratio=0.6; full' (see policies/schedule.py); empty = one phase",
+                        json_schema_extra=EXPERIMENTAL)
     self_tuning: bool = Field(False, description="on: learning rate, replay ratio and distillation weight follow "
-                              "forgetting, rollbacks and the training loss, inside the tune_* bounds")
-    tune_lr_min: float = Field(5e-5, gt=0, le=1.0)
-    tune_lr_max: float = Field(4e-3, gt=0, le=1.0)
-    tune_replay_min: float = Field(0.2, ge=0, lt=1)
-    tune_replay_max: float = Field(0.7, ge=0, lt=1)
-    tune_distill_min: float = Field(0.1, ge=0)
-    tune_distill_max: float = Field(2.0, ge=0)
-    tune_forgetting_target: float = Field(0.05, gt=0, description="nats of forgetting the self-tuner steers under")
+                              "forgetting, rollbacks and the training loss, inside the tune_* bounds",
+                              json_schema_extra=EXPERIMENTAL)
+    tune_lr_min: float = Field(5e-5, gt=0, le=1.0, description="self-tuning: lowest learning rate",
+                               json_schema_extra=EXPERIMENTAL)
+    tune_lr_max: float = Field(4e-3, gt=0, le=1.0, description="self-tuning: highest learning rate",
+                               json_schema_extra=EXPERIMENTAL)
+    tune_replay_min: float = Field(0.2, ge=0, lt=1, description="self-tuning: lowest replay ratio",
+                                   json_schema_extra=EXPERIMENTAL)
+    tune_replay_max: float = Field(0.7, ge=0, lt=1, description="self-tuning: highest replay ratio",
+                                   json_schema_extra=EXPERIMENTAL)
+    tune_distill_min: float = Field(0.1, ge=0, description="self-tuning: lowest distillation weight",
+                                    json_schema_extra=EXPERIMENTAL)
+    tune_distill_max: float = Field(2.0, ge=0, description="self-tuning: highest distillation weight",
+                                    json_schema_extra=EXPERIMENTAL)
+    tune_forgetting_target: float = Field(0.05, gt=0, description="nats of forgetting the self-tuner steers under",
+                                          json_schema_extra=EXPERIMENTAL)
 
     meta_init: bool = Field(False, description="on: a fresh adapter (fork, promotion) starts from an initialization "
-                            "meta-learned (Reptile) on every lineage's replay data, when there is enough of it")
-    meta_rounds: int = Field(24, ge=1, le=10_000, description="Reptile rounds (one task adapted per round)")
-    meta_inner_steps: int = Field(4, ge=1, le=1000, description="Adam steps per Reptile round")
+                            "meta-learned (Reptile) on every lineage's replay data, when there is enough of it",
+                            json_schema_extra=EXPERIMENTAL)
+    meta_rounds: int = Field(24, ge=1, le=10_000, description="Reptile rounds (one task adapted per round)",
+                             json_schema_extra=EXPERIMENTAL)
+    meta_inner_steps: int = Field(4, ge=1, le=1000, description="Adam steps per Reptile round",
+                                  json_schema_extra=EXPERIMENTAL)
 
     # -- reduction -------------------------------------------------------------------------------
-    reduce_every: int = Field(2000, ge=0, description="interactions per lineage between reductions; 0 = on command")
-    reduce_keep: float = Field(0.7, gt=0, le=1, description="share of non-embedding parameters a reduction keeps")
-    reduce_budget: float = Field(1.15, ge=1, description="allowed held-out perplexity ratio after/before reduction")
-    heal_steps: int = Field(20, ge=0, le=100_000)
+    reduce_every: int = Field(2000, ge=0, description="interactions per lineage between reductions; 0 = on command",
+                              json_schema_extra=ESSENTIAL)
+    reduce_keep: float = Field(0.7, gt=0, le=1, description="share of non-embedding parameters a reduction keeps",
+                               json_schema_extra=ESSENTIAL)
+    reduce_budget: float = Field(1.15, ge=1, description="allowed held-out perplexity ratio after/before reduction",
+                                 json_schema_extra=ESSENTIAL)
+    heal_steps: int = Field(20, ge=0, le=100_000, description="distillation steps that heal a pruned model",
+                            json_schema_extra=TUNING)
     calibration_items: int = Field(256, ge=1, le=100_000, description="latest examples scored for importance, the "
-                                    "allocation and the least-squares reconstruction (healing distils on all replay + "
-                                    "recent data)")
+                                   "allocation and the least-squares reconstruction (healing distils on all replay + "
+                                   "recent data)", json_schema_extra=TUNING)
     reduce_vocab: bool = Field(False, description="on: a promoted generation also drops the tokens its lineage's "
                                "replay + recent data never use (learners/vocab.py), kept only where the reduction, "
-                               "trim included, stays within reduce_budget (held-out loss per byte of text)")
+                               "trim included, stays within reduce_budget (held-out loss per byte of text)",
+                               json_schema_extra=EXPERIMENTAL)
 
     # -- the service -----------------------------------------------------------------------------
-    max_entry_bytes: int = Field(64 * 1024, ge=256, le=64 << 20)
-    read_count: int = Field(256, ge=1, le=100_000, description="entries per XREADGROUP")
-    read_block_ms: int = Field(500, ge=1, le=60_000)
-    claim_idle_ms: int = Field(60_000, ge=100, description="pending entries idle this long are reclaimed")
-    max_buffered: int = Field(512, ge=1, description="entries read but not yet learned, per lineage, before reading pauses")
-    unknown_lineage: Literal["dead_letter", "fork"] = "dead_letter"
+    max_entry_bytes: int = Field(64 * 1024, ge=256, le=64 << 20, description="largest stream entry accepted; larger "
+                                 "ones are dead-lettered", json_schema_extra=ESSENTIAL)
+    read_count: int = Field(256, ge=1, le=100_000, description="entries per XREADGROUP", json_schema_extra=TUNING)
+    read_block_ms: int = Field(500, ge=1, le=60_000, description="how long one XREADGROUP waits for entries",
+                               json_schema_extra=TUNING)
+    claim_idle_ms: int = Field(60_000, ge=100, description="pending entries idle this long are reclaimed",
+                               json_schema_extra=TUNING)
+    max_buffered: int = Field(512, ge=1, description="entries read but not yet learned, per lineage, before reading "
+                              "pauses", json_schema_extra=TUNING)
+    unknown_lineage: Literal["dead_letter", "fork"] = Field("dead_letter", description="an interaction for a lineage "
+                                                            "that does not exist: dead-lettered, or forked from main's "
+                                                            "current generation", json_schema_extra=ESSENTIAL)
     learner_cpus: float = Field(0, ge=0, description="CPUs each learner declares to Ray (its torch threads match); "
-                                "0 = learners share all of this node's cores and take turns")
+                                "0 = learners share all of this node's cores and take turns", json_schema_extra=TUNING)
     learner_gpus: float = Field(0.25, ge=0, le=8, description="share of a GPU each learner declares to Ray when "
-                                "learners use GPUs (0.25: four lineages share one)")
-    seed: int = 0
-    log_format: Literal["text", "json"] = "text"
+                                "learners use GPUs (0.25: four lineages share one)", json_schema_extra=TUNING)
+    seed: int = Field(_U.seed, description="seed of the adapter's initialization, replay sampling and healing",
+                      json_schema_extra=TUNING)
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or one JSON object each",
+                                                json_schema_extra=ESSENTIAL)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -136,10 +194,11 @@ class Settings(BaseSettings):
         items = [c.strip() for c in v.split(",") if c.strip()]
         if items == ["none"]:
             return "none"
-        unknown = [c for c in items if c not in ALL_CONSTRAINTS]
+        unknown = [c for c in items if c not in ALL_CONSTRAINTS | {"replay"}]
         if unknown or not items:
             raise ValueError(f"unknown constraint(s) {unknown or v!r}; use 'none' or a comma list of {sorted(ALL_CONSTRAINTS)}")
-        return ",".join(sorted(set(items)))
+        terms = sorted(set(items) - {"replay"})  # the old spelling of replay: CASCADE_REPLAY_RATIO alone decides
+        return ",".join(terms) or "none"
 
     @field_validator("phases")
     @classmethod
@@ -223,10 +282,11 @@ class Settings(BaseSettings):
                             seed=self.seed)
 
     def window_size(self) -> int:
-        """New interactions per update window: ``window_steps`` steps of the new rows of a batch."""
+        """New interactions per update window at the configured replay ratio: what the driver sends a
+        learner before its first report; from then on the learner says (``LearnReport.window``), since
+        phases and self-tuning change the ratio in force."""
         # Not update_config(): resolving CASCADE_DEVICE=auto loads torch, which the driver never needs.
-        replay = UpdateConfig(batch_size=self.batch_size, replay_ratio=self.replay_ratio,
-                              constraints=self.constraint_set).replay_count()
+        replay = UpdateConfig(batch_size=self.batch_size, replay_ratio=self.replay_ratio).replay_count()
         return max(1, self.batch_size - replay) * self.window_steps
 
     def phase_schedule(self):
@@ -251,6 +311,13 @@ class Settings(BaseSettings):
 
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)
+
+    def reduction_switches(self):
+        """How the daemon's reductions run (``learners.reduce.Switches``; imports torch)."""
+        from learners.reduce import Switches
+
+        return Switches(max_seq_len=self.max_seq_len, batch_size=self.batch_size, bf16=self.precision == "bf16",
+                        heal_steps=self.heal_steps)
 
     @property
     def registry_root(self) -> Path:
@@ -299,3 +366,42 @@ def load_settings(config_file: str | Path | None = None, **overrides) -> Setting
         raise SettingsError(f"invalid config file {path}: {e}") from None
     finally:
         _toml_file.reset(token)
+
+
+GROUPS = {"essential": "Essential: what most deployments set",
+          "tuning": "Tuning: the learning and the service, for those who measure",
+          "experimental": "Experimental: ideas under study, off by default"}
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md, written from :class:`Settings` (``python -m daemon.config --markdown``)."""
+    lines = ["# Configuration", "",
+             "<!-- Generated by `python -m daemon.config --markdown > docs/configuration.md` from daemon/config.py; "
+             "tests/test_config.py fails when they differ. Do not edit by hand. -->", "",
+             "Every setting comes from a `CASCADE_*` environment variable, a TOML file (`--config FILE` or "
+             "`CASCADE_CONFIG`; keys are the names below without the prefix, lower case, e.g. `batch_size = 8`), "
+             "or the default. The environment beats the file. A bad value stops the daemon at start with a "
+             "message naming the setting. Booleans read `on`/`off` (or true/false).", ""]
+    def group(f) -> str:
+        return (f.json_schema_extra or {}).get("group", "other")
+
+    titles = {**GROUPS, "other": "Other: settings not yet given a group"}
+    for g, title in titles.items():
+        fields = [(name, f) for name, f in Settings.model_fields.items() if group(f) == g]
+        if not fields:
+            continue
+        lines += [f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
+        for name, f in fields:
+            d = f.default
+            shown = "unset" if d is None else "`on`" if d is True else "`off`" if d is False else f"`{d}`"
+            lines.append(f"| `CASCADE_{name.upper()}` | {shown} | {f.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m daemon.config --markdown > docs/configuration.md")
+    sys.stdout.write(configuration_markdown())

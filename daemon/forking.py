@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from daemon.registry import Registry, RegistryError, check_lineage, gen_name, now_rfc3339
+from daemon.registry import Registry, RegistryError, check_lineage, gen_name, generation_card
 
 
 def fork_lineage(registry: Registry, source: str, new: str) -> str:
@@ -27,9 +27,7 @@ def fork_lineage(registry: Registry, source: str, new: str) -> str:
                     os.link(f, staging / f.name)
                 except OSError:
                     shutil.copy2(f, staging / f.name)
-        card = {"lineage": new, "generation": 0, "parent": source, "created_at": now_rfc3339(),
-                "n_params": src_card["n_params"], "interactions_seen": 0, "reduction": None,
-                "eval": src_card.get("eval", {}), "forked_from": source}
+        card = generation_card(new, 0, source, src_card["n_params"], eval=src_card.get("eval"), forked_from=source)
         dest.publish_generation(staging, gen_name(0), card)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,7 +15,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from daemon.registry import LineageDir, RegistryError, gen_name, now_rfc3339
+from daemon.registry import LineageDir, RegistryError, gen_name, generation_card
 
 log = logging.getLogger("cascade.foundation")
 
@@ -102,17 +102,7 @@ def ensure_foundation(lineage: LineageDir, base_model: Path | None) -> str:
         else:
             convert_gguf(staging)
             source = f"{GGUF_PACKAGE}/{GGUF_FILE}"
-        card = {
-            "lineage": lineage.lineage,
-            "generation": 0,
-            "parent": None,
-            "created_at": now_rfc3339(),
-            "n_params": safetensors_params(staging),
-            "interactions_seen": 0,
-            "source": source,
-            "reduction": None,
-            "eval": {},
-        }
+        card = generation_card(lineage.lineage, 0, None, safetensors_params(staging), source=source)
         name = gen_name(0)
         lineage.publish_generation(staging, name, card)
     except BaseException:

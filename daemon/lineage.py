@@ -22,7 +22,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -33,18 +32,16 @@ ensure_torchvision_importable()  # before transformers imports torchvision
 from transformers import AutoTokenizer
 
 from daemon.config import Settings
-from daemon.registry import LineageDir, Registry, now_rfc3339, read_json, atomic_write_json
+from daemon.registry import LineageDir, Registry, atomic_write_json, generation_card, now_rfc3339, read_json
 from daemon.reports import LearnReport, ReductionReport
 from daemon.schema import Interaction
 from learners.data import Example, chunks
 from learners.meta import ReptileConfig, reptile
-from learners.reduction import (activation_importance, count_parameters, heal, kept_blocks, merge_adapter, prune,
-                               reconstruct)
+from learners.reduce import ReductionData, reduce
+from learners.reduction import count_parameters, merge_adapter
 from learners.replay import ReplayBuffer
 from learners.update import ContinualLearner, evaluate_loss
-from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
 from policies.gate import forgetting, judge_update
-from policies.reduction import ModelShape, plan_candidates
 from policies.tuning import Knobs, Signal
 
 log = logging.getLogger("cascade.lineage")
@@ -154,7 +151,14 @@ class LineageWorker:
                                  self.s.precision == "bf16") for d, v in sorted(self.heldout.items()) if v}
 
     def new_per_step(self) -> int:
+        """New rows in a batch of ``batch_size`` at the replay ratio in force (phase and self-tuning included)."""
         return max(1, self.s.batch_size - self.learner.config.replay_count())
+
+    def window_items(self) -> int:
+        """New interactions the next window wants: ``window_steps`` full batches at the replay ratio in force.
+        The worker owns this number; the driver reads it from every :class:`LearnReport` (``window``)."""
+        self._configure_window()
+        return self.new_per_step() * self.s.window_steps
 
     def learn(self, interactions: Sequence[Interaction]) -> LearnReport:
         t0 = time.perf_counter()
@@ -174,7 +178,7 @@ class LineageWorker:
         outcomes: list[tuple[str, str]] = []
         for it in fresh:
             ex = it.example()
-            if self.s.gate and self._is_heldout(ex):
+            if self._is_heldout(ex):  # with the gate off too: the reduction judges itself on these
                 self._add_heldout(ex)
                 outcomes.append((ex.id, "heldout"))
                 rep.heldout_added += 1
@@ -183,6 +187,11 @@ class LineageWorker:
 
         if train:
             self._configure_window(rep)
+            # Never more than window_steps steps: a window bigger than this phase wants (sized before the
+            # phase or the tuner changed the replay ratio) spreads its rows and replays less.
+            steps = min(self.s.window_steps, math.ceil(len(train) / self.new_per_step()))
+            per_step = math.ceil(len(train) / steps)
+            n_replay = min(self.learner.config.replay_count(), max(0, self.s.batch_size - per_step))
             before = self.last_heldout
             if self.s.gate and self._heldout_dirty:
                 # A source whose held-out set changed is measured afresh: its best so far was a
@@ -192,8 +201,8 @@ class LineageWorker:
                     self.best[d] = v if d in self._changed_domains else min(v, self.best.get(d, math.inf))
                 self._heldout_dirty = False
                 self._changed_domains.clear()
-            losses, n_replay, new_tokens = [], self.learner.config.replay_count(), 0
-            for part in chunks(train, self.new_per_step()):
+            losses, new_tokens = [], 0
+            for part in chunks(train, per_step):
                 r = self.learner.step(part, self.replay.sample(n_replay))
                 losses.append(r.task_loss)
                 rep.steps += 1
@@ -241,13 +250,22 @@ class LineageWorker:
         self.checkpoint(outcomes)
         return self._finish(rep, t0)
 
+    def learn_all(self, interactions: Sequence[Interaction]) -> list[LearnReport]:
+        """``interactions`` in windows of the size this worker asks for, as the driver sends them."""
+        reports, i = [], 0
+        while i < len(interactions):
+            n = self.window_items()
+            reports.append(self.learn(interactions[i : i + n]))
+            i += n
+        return reports
+
     def knobs(self) -> Knobs:
         """The learning rate, replay ratio and distillation weight before the phase adjusts them."""
         if self.tuner is not None:
             return self.tuner.knobs
         return Knobs(self.s.learning_rate, self.s.replay_ratio, self.s.distill_weight)
 
-    def _configure_window(self, rep: LearnReport) -> None:
+    def _configure_window(self, rep: LearnReport | None = None) -> None:
         """Set the learner up for this window: the phase in force, then the (tuned) knobs."""
         _, phase = self.schedule.at(self.counters["adapter_steps"])
         if phase.name != self.phase:
@@ -255,14 +273,14 @@ class LineageWorker:
                      self.counters["adapter_steps"])
             self.phase = phase.name
         k = self.knobs()
-        cfg = self.learner.config
-        self.learner.set_learning_rate(k.learning_rate * phase.lr_scale)
-        cfg.replay_ratio = k.replay_ratio if phase.replay_ratio is None else phase.replay_ratio
-        cfg.distill_weight = k.distill_weight
-        self.learner.train_only(phase.modules)
-        rep.phase = phase.name
-        rep.knobs = {"learning_rate": cfg.learning_rate, "replay_ratio": cfg.replay_ratio,
-                     "distill_weight": cfg.distill_weight}
+        self.learner.configure(learning_rate=k.learning_rate * phase.lr_scale,
+                               replay_ratio=k.replay_ratio if phase.replay_ratio is None else phase.replay_ratio,
+                               distill_weight=k.distill_weight, modules=phase.modules)
+        if rep is not None:
+            cfg = self.learner.config
+            rep.phase = phase.name
+            rep.knobs = {"learning_rate": cfg.learning_rate, "replay_ratio": cfg.replay_ratio,
+                         "distill_weight": cfg.distill_weight}
 
     def _finish(self, rep: LearnReport, t0: float) -> LearnReport:
         rep.heldout = dict(self.last_heldout)
@@ -270,6 +288,7 @@ class LineageWorker:
         rep.replay_items = len(self.replay)
         rep.update_seconds = time.perf_counter() - t0
         rep.reduce_due = self.s.reduction_policy().due(self.counters["since_reduction"])
+        rep.window = self.window_items()
         return rep
 
     # -- durability ------------------------------------------------------------------------------
@@ -311,151 +330,53 @@ class LineageWorker:
                 **self.counters}
 
     # -- reduction -------------------------------------------------------------------------------
-    def reduce(self, trigger: str = "command") -> ReductionReport:
-        """Merge, score, prune, heal, gate; promote the next generation or keep the current one."""
-        t0 = time.perf_counter()
-        s, policy = self.s, self.s.reduction_policy()
-        parent = self.generation
+    def reduction_data(self) -> ReductionData:
+        """What this lineage reduces on: the latest ``calibration_items`` of its replay + recent data for
+        importance and reconstruction, all of it for healing (and the vocabulary), its held-out sets as gate."""
         both = self.replay.all() + list(self.recent)
-        calib = both[-s.calibration_items:]  # the latest: scored for importance and the allocation
-        # Healed on: everything this lineage keeps of its own data (recent items are usually in replay too).
-        kept = list({ex.id: ex for ex in both}.values())
-        heldout = {d: v for d, v in self.heldout.items() if v}
-        gate_sets = heldout or ({"calibration": calib} if calib else {})
-        if not calib:
+        calib = both[-self.s.calibration_items:]
+        heal_items = list({ex.id: ex for ex in both}.values())  # recent items are usually in replay too
+        gate = {d: v for d, v in self.heldout.items() if v} or {"calibration": calib}
+        return ReductionData(calib, heal_items, gate, vocabulary=both if self.s.reduce_vocab else None)
+
+    def reduce(self, trigger: str = "command") -> ReductionReport:
+        """Reduce the live model (:func:`learners.reduce.reduce`); promote the result or keep the current one."""
+        t0 = time.perf_counter()
+        s, parent = self.s, self.generation
+        data = self.reduction_data()
+        if not data.calibration:
             return ReductionReport(self.lineage, "rejected", parent, parent, self.n_params, self.n_params,
                                    time.perf_counter() - t0, detail="no interactions to calibrate on yet")
-        bf16 = s.precision == "bf16"
-
-        def ppl(model) -> dict[str, float]:
-            return {d: math.exp(evaluate_loss(model, self.tokenizer, v, s.max_seq_len, s.batch_size, bf16))
-                    for d, v in gate_sets.items()}
-
         log.info("lineage %s: reducing %s (trigger %s)", self.lineage, parent, trigger)
-        teacher = merge_adapter(self.learner.model, calib[:4], self.tokenizer, s.max_seq_len)
-        ppl_before = ppl(teacher)
-        importance = activation_importance(teacher, calib, self.tokenizer, s.max_seq_len, s.batch_size)
-        shape = ModelShape.of(teacher.config)
-        probe = calib[: max(8, len(calib) // 2)]
-        tries, chosen = [], None
-        for keep in policy.keeps():
-            # Measure every allocation of this budget (width / KV groups / depth) before healing; heal the best.
-            candidates = []
-            for plan in plan_candidates(shape, keep):
-                student = prune(teacher, importance, plan.intermediate, plan.kv_heads, plan.layers)
-                candidates.append((evaluate_loss(student, self.tokenizer, probe, s.max_seq_len, s.batch_size, bf16),
-                                   plan))
-                del student
-            _, plan = min(candidates, key=lambda c: c[0])
-            log.info("lineage %s: keep %.2f allocations (calibration loss) %s -> %s", self.lineage, keep,
-                     {p.label: round(l, 3) for l, p in candidates}, plan.label)
-            student = prune(teacher, importance, plan.intermediate, plan.kv_heads, plan.layers)
-            ppl_pruned = ppl(student)
-            # Both least-squares steps fit the calibration items and can overfit a few of them (32 items in
-            # the reduction benchmark's cascade: held-out 7.94 after the refit, 8.97 after the reconstruction):
-            # each is kept only where held-out data agrees.
-            plain = prune(teacher, replace(importance, mlp_gram=None, attn_gram=None), plan.intermediate,
-                          plan.kv_heads, plan.layers)
-            ppl_cut = ppl(plain)
-            def worst(after: dict[str, float]) -> float:  # the gate's measure: worst ratio to the parent
-                return policy.passes(ppl_before, after)[1]
-
-            refitted = worst(ppl_pruned) <= worst(ppl_cut)
-            if not refitted:
-                student, ppl_pruned = plain, ppl_cut
-            del plain
-            cut = {k: v.clone() for k, v in student.state_dict().items()}
-            reconstruct(student, teacher, kept_blocks(importance, plan.layers), calib, self.tokenizer, s.max_seq_len,
-                        s.batch_size)
-            ppl_reconstructed = ppl(student)
-            reconstructed = worst(ppl_reconstructed) <= worst(ppl_pruned)
-            if not reconstructed:
-                student.load_state_dict(cut)
-            del cut
-
-            def progress(i, n, loss, keep=keep):
-                if i == n or i % max(1, n // 5) == 0:
-                    log.info("lineage %s: healing keep=%.2f step %d/%d kl=%.4f", self.lineage, keep, i, n, loss)
-
-            kl = heal(student, teacher, kept, self.tokenizer, s.max_seq_len, s.heal_steps, bf16=bf16,
-                      progress=progress)
-            ppl_after = ppl(student)
-            ok, worst = policy.passes(ppl_before, ppl_after)
-            tries.append({"keep_target": keep, "keep_achieved": round(plan.keep_achieved, 4), "plan": plan.label,
-                          "candidates": {p.label: round(l, 4) for l, p in candidates},
-                          "mlp_intermediate": plan.intermediate, "kv_heads": plan.kv_heads, "layers": plan.layers,
-                          "ppl_cut": ppl_cut, "refit_kept": refitted, "ppl_pruned": ppl_pruned,
-                          "ppl_reconstructed": ppl_reconstructed, "reconstruction_kept": reconstructed, "ppl_healed": ppl_after,
-                          "worst_ratio": worst, "passed": ok, "heal_final_kl": kl[-1] if kl else None})
-            log.info("lineage %s: keep %.2f -> worst held-out ppl ratio %.3f (%s)", self.lineage, keep, worst,
-                     "pass" if ok else "fail")
-            if ok:
-                chosen = (plan, student, ppl_after)
-                break
-            del student
-
+        teacher = merge_adapter(self.learner.model, data.calibration[:4], self.tokenizer, s.max_seq_len)
+        out = reduce(teacher, self.tokenizer, data, s.reduction_policy(), s.reduction_switches(),
+                     name=f"lineage {self.lineage}: ")
+        del teacher
         self.counters["since_reduction"] = 0
-        if chosen is None:
-            del teacher
+        if out.model is None:
             self._reload_after_reduction()
             self.checkpoint()
+            tries = [t.card() for t in out.record.tries]
             return ReductionReport(self.lineage, "rejected", parent, parent, self.n_params, self.n_params,
                                    time.perf_counter() - t0, detail=f"gate failed at every keep: {tries}")
 
-        plan, student, ppl_after = chosen
-        tokenizer, vocab = self.tokenizer, None
-        if s.reduce_vocab:
-            student, tokenizer, vocab = self._trim_vocabulary(student, both, gate_sets, bf16, ppl_before, ppl_after,
-                                                              policy)
-            if vocab["kept"]:
-                ppl_after = vocab["ppl_after"]
         gen = self.dir.next_gen()
-        n_after = count_parameters(student)
-        card = {
-            "lineage": self.lineage,
-            "generation": int(gen.split("-")[1]),
-            "parent": f"{self.lineage}/{parent}",
-            "created_at": now_rfc3339(),
-            "n_params": n_after,
-            "interactions_seen": self.counters["interactions_learned"],
-            "reduction": {
-                "trigger": trigger,
-                "merged_adapter": {"rank": s.lora_rank, "update_steps": self.counters["update_steps"]},
-                "importance": "activations on the lineage's replay + recent data: MLP neuron RMS x down_proj column "
-                              "norm, KV group RMS head output, block 1 - cos(input, output)",
-                "reconstruction": "down_proj / o_proj refitted by least squares to the unpruned outputs, then block "
-                                  "by block to the parent's residual stream (least squares, then each MLP trained "
-                                  "on the block's cached inputs), on the calibration items (each kept only where "
-                                  "it does not worsen held-out perplexity)",
-                "calibration_items": len(calib),
-                "heal_items": len(kept),
-                "pruned": {"mlp_intermediate": [shape.intermediate, plan.intermediate],
-                           "attention_heads": [shape.heads, plan.heads], "kv_heads": [shape.kv_heads, plan.kv_heads],
-                           "layers": [shape.layers, plan.layers]},
-                "keep_target": s.reduce_keep,
-                "keep_achieved": round(plan.keep_achieved, 4),
-                "n_params_before": self.n_params,
-                "n_params_after": n_after,
-                "non_embedding_before": shape.non_embedding(),
-                "non_embedding_after": shape.reshaped(plan.intermediate, plan.kv_heads, plan.layers).non_embedding(),
-                "heal_steps": s.heal_steps,
-                "gate": {"budget_ppl_ratio": s.reduce_budget, "ppl_before": ppl_before, "tries": tries,
-                         "passed": True},
-                "vocabulary": vocab,
-            },
-            "eval": {d: {"loss": math.log(p), "perplexity": p} for d, p in ppl_after.items()},
-        }
+        reduction = out.record.card(trigger, {"rank": s.lora_rank, "update_steps": self.counters["update_steps"]},
+                                    s.reduce_keep)
+        card = generation_card(self.lineage, int(gen.split("-")[1]), f"{self.lineage}/{parent}",
+                               out.record.n_params_after, self.counters["interactions_learned"], reduction,
+                               {d: {"loss": math.log(p), "perplexity": p} for d, p in out.record.ppl_after.items()})
         staging = self.dir.staging_dir()
         try:
-            student.save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
+            out.model.save_pretrained(str(staging), safe_serialization=True)
+            out.tokenizer.save_pretrained(str(staging))
             self.dir.publish_generation(staging, gen, card)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         self.dir.set_current(gen)
-        n_before = self.n_params
-        del teacher, student
+        n_before, n_after = self.n_params, out.record.n_params_after
+        del out
         self._reload_after_reduction()
         self.counters["adapter_steps"] = 0  # a fresh adapter: the phase schedule starts again
         self.best = {}
@@ -465,38 +386,6 @@ class LineageWorker:
         log.info("lineage %s: promoted %s (%d -> %d parameters)", self.lineage, gen, n_before, n_after)
         return ReductionReport(self.lineage, "promoted", gen, parent, n_before, n_after, time.perf_counter() - t0,
                                card=card)
-
-    def _trim_vocabulary(self, model, items: list[Example], gate_sets: dict[str, list[Example]], bf16: bool,
-                         ppl_before: dict[str, float], ppl_after: dict[str, float], policy):
-        """``model`` and its tokenizer without the tokens ``items`` never use, or unchanged (with the
-        record of why) when the reduction, trim included, would leave the gate's budget.
-
-        Text the kept tokens do not cover is split into shorter tokens, which the model spells less well,
-        so the trim is judged per byte of text: the trimmed model's held-out loss per byte, over the
-        untrimmed one's, scales the untrimmed model's loss per token, which gives the perplexity the
-        trimmed model would have in the parent's tokens, judged against the parent like every other try.
-        """
-        s = self.s
-        keep = kept_token_ids(self.tokenizer, token_counts(self.tokenizer, items))
-        small, small_tok = trim_vocabulary(model, self.tokenizer, keep)
-
-        def per_byte(m, tok) -> dict[str, float]:
-            return {d: evaluate_loss(m, tok, v, s.max_seq_len, s.batch_size, bf16, per_byte=True)
-                    for d, v in gate_sets.items()}
-
-        before, after = per_byte(model, self.tokenizer), per_byte(small, small_tok)
-        in_parent_tokens = {d: ppl_after[d] ** (after[d] / before[d]) for d in before}
-        kept, worst = policy.passes(ppl_before, in_parent_tokens)
-        record = {"tokens": [len(self.tokenizer), len(keep)], "items": len(items), "kept": kept,
-                  "loss_per_byte_before": before, "loss_per_byte_after": after,
-                  "ppl_in_parent_tokens": in_parent_tokens, "worst_ratio": worst}
-        log.info("lineage %s: vocabulary %d -> %d tokens, held-out loss per byte %s -> %s, worst ratio %.3f (%s)",
-                 self.lineage, len(self.tokenizer), len(keep), before, after, worst, "kept" if kept else "dropped")
-        if not kept:
-            return model, self.tokenizer, record
-        record["ppl_after"] = {d: math.exp(evaluate_loss(small, small_tok, v, s.max_seq_len, s.batch_size, bf16))
-                               for d, v in gate_sets.items()}
-        return small, small_tok, record
 
     def _reload_after_reduction(self) -> None:
         """The merge consumed the in-memory model: load the current generation and live adapter."""

@@ -40,6 +40,15 @@ def now_rfc3339() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def generation_card(lineage: str, generation: int, parent: str | None, n_params: int, interactions_seen: int = 0,
+                    reduction: dict | None = None, eval: dict | None = None, **extra) -> dict:
+    """A generation's ``card.json`` (the CONTRACT's fields, then ``extra`` such as ``source``): the one
+    place a card is built, for the foundation, a fork and a reduction alike."""
+    return {"lineage": lineage, "generation": generation, "parent": parent, "created_at": now_rfc3339(),
+            "n_params": n_params, "interactions_seen": interactions_seen, **extra, "reduction": reduction,
+            "eval": eval or {}}
+
+
 def gen_name(n: int) -> str:
     return f"gen-{n:04d}"
 

@@ -29,6 +29,7 @@ class LearnReport:
     replay_items: int = 0
     update_seconds: float = 0.0
     reduce_due: bool = False
+    window: int = 0  # new interactions the learner's next window wants (the driver sends at most that)
     phase: str = ""  # the phase the window was learned in
     knobs: dict[str, float] = field(default_factory=dict)  # learning rate, replay ratio, distillation weight
     tuning: list[Change] = field(default_factory=list)  # what the self-tuner changed after this window

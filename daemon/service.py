@@ -77,6 +77,7 @@ class Daemon:
         self.reduce_requests: dict[str, str] = {}
         self.failures: dict[str, int] = {}  # first entry id of a window -> failed attempts
         self.last_dispatch: dict[str, float] = {}
+        self.windows: dict[str, int] = {}  # per lineage, the size its learner asked for in its last report
         self.unacked: list[str] = []  # durable but not yet acknowledged (Redis was unreachable)
         self.paused = False
         self.redis_ok = False
@@ -363,7 +364,7 @@ class Daemon:
             buf = self.buffers[lineage]
             if self.paused or not buf:
                 continue
-            n = self.s.window_size()
+            n = self.windows.get(lineage) or self.s.window_size()  # the learner owns its window's size
             if len(buf) >= n or drained:
                 batch = [buf.popleft() for _ in range(min(n, len(buf)))]
                 self.jobs[actor.learn.remote(batch)] = Job(lineage, "learn", time.monotonic(), batch)
@@ -412,6 +413,7 @@ class Daemon:
 
     def _on_learned(self, rep) -> None:
         m, lin = self.metrics, rep.lineage
+        self.windows[lin] = rep.window
         self.unacked.extend(rep.ack)
         self._flush_acks()
         now_ms = time.time() * 1000

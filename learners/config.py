@@ -7,19 +7,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ALL_CONSTRAINTS = frozenset({"replay", "anchor", "distill", "clip"})
+ALL_CONSTRAINTS = frozenset({"anchor", "distill", "clip"})  # the loss terms; replay is ``replay_ratio``'s alone
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
 class UpdateConfig:
+    """The update step's knobs. These defaults are the project's: ``daemon.config.Settings`` takes its
+    defaults from here, so they are written once."""
+
     lora_rank: int = 16
     learning_rate: float = 2e-4
     batch_size: int = 8
     max_seq_len: int = 256
-    replay_ratio: float = 0.5
-    replay_weight: float = 1.0  # a replayed row's share of the task loss relative to a new row's
-    constraints: frozenset[str] = field(default_factory=lambda: ALL_CONSTRAINTS)
+    replay_ratio: float = 0.4  # share of each batch drawn from replay; 0 = no replay
+    replay_weight: float = 0.5  # a replayed row's share of the task loss relative to a new row's
+    constraints: frozenset[str] = field(default_factory=lambda: frozenset({"distill", "clip"}))
     anchor_weight: float = 1.0
     distill_weight: float = 0.5
     max_grad_norm: float = 1.0
@@ -29,7 +32,7 @@ class UpdateConfig:
     seed: int = 0
 
     def replay_count(self) -> int:
-        """Replayed rows per batch: ``replay_ratio`` of ``batch_size`` when replay is on."""
-        if "replay" not in self.constraints or self.replay_ratio <= 0:
+        """Replayed rows per batch: ``replay_ratio`` of ``batch_size`` (at least one when the ratio is above 0)."""
+        if self.replay_ratio <= 0:
             return 0
         return max(1, round(self.batch_size * self.replay_ratio))

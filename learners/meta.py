@@ -46,7 +46,7 @@ def reptile(base_dir: str | Path, tokenizer, tasks: dict[str, Sequence[Example]]
         with torch.no_grad():
             for n, p in learner.params.items():
                 p.copy_(phi[n])
-        learner.optimizer = torch.optim.AdamW(learner.params.values(), lr=cfg.inner_lr, weight_decay=0.0)
+        learner.reset_optimizer()
         for _ in range(cfg.inner_steps):
             learner.step(rng.sample(task, min(cfg.batch_size, len(task))))
         eps = cfg.meta_lr * (1 - r / cfg.rounds)

@@ -148,16 +148,28 @@ class ContinualLearner:
                 p.copy_(self._accepted["params"][n])
         self.optimizer.load_state_dict(_clone_state(self._accepted["optim"]))
 
-    def set_learning_rate(self, lr: float) -> None:
-        self.config.learning_rate = lr
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+    def configure(self, *, learning_rate: float | None = None, replay_ratio: float | None = None,
+                  distill_weight: float | None = None, modules: frozenset[str] | None | object = ...) -> None:
+        """The one way to change the learner's knobs between windows; an argument left out keeps its value.
 
-    def train_only(self, modules: frozenset[str] | None) -> None:
-        """Train the LoRA weights of ``modules`` (e.g. ``{"q_proj", "v_proj"}``) and freeze the rest;
-        ``None`` trains them all. Frozen weights get no gradient, so the optimizer leaves them be."""
-        for name, p in self.params.items():
-            p.requires_grad_(modules is None or any(f".{m}." in name for m in modules))
+        ``modules``: train the LoRA weights of these modules only (e.g. ``{"q_proj", "v_proj"}``) and
+        freeze the rest; ``None`` trains them all. Frozen weights get no gradient, so the optimizer
+        leaves them be."""
+        if learning_rate is not None:
+            self.config.learning_rate = learning_rate
+            for g in self.optimizer.param_groups:
+                g["lr"] = learning_rate
+        if replay_ratio is not None:
+            self.config.replay_ratio = replay_ratio
+        if distill_weight is not None:
+            self.config.distill_weight = distill_weight
+        if modules is not ...:
+            for name, p in self.params.items():
+                p.requires_grad_(modules is None or any(f".{m}." in name for m in modules))
+
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's moments (a new task starts from scratch, as in Reptile's inner loop)."""
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=self.config.learning_rate, weight_decay=0.0)
 
     def save(self, directory: str | Path) -> None:
         """A standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
@@ -169,7 +181,7 @@ class ContinualLearner:
 
     @property
     def n_trainable(self) -> int:
-        """Adapter weights being trained now (all of them unless :meth:`train_only` froze some)."""
+        """Adapter weights being trained now (all of them unless :meth:`configure` froze some)."""
         return sum(p.numel() for p in self.params.values() if p.requires_grad)
 
     # -- the step ----------------------------------------------------------------------------

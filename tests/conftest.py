@@ -19,6 +19,21 @@ REDIS_HOST = os.environ.get("CASCADE_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("CASCADE_TEST_REDIS_PORT", "6379"))
 _db = itertools.count(1)
 
+# The unit tier (`make test-fast`, `pytest -m unit`): modules that start no Ray and no daemon process.
+# A new module is in the whole suite only until it is listed here.
+UNIT_MODULES = {"test_config", "test_schema", "test_replay", "test_learners", "test_reduction", "test_vocab",
+                "test_registry", "test_phases_and_tuning", "test_meta_init", "test_stream", "test_foundation"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "unit: the fast tier, no Ray or daemon processes (make test-fast)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:

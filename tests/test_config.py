@@ -15,7 +15,7 @@ def test_defaults_follow_the_contract(monkeypatch):
     assert s.stream == "cascade:interactions" and s.group == "cascade"
     assert s.metrics_host == "127.0.0.1" and s.metrics_port == 9477
     assert s.gate is True and s.max_entry_bytes == 64 * 1024
-    assert s.constraint_set == {"replay", "distill", "clip"} and s.replay_ratio == 0.4
+    assert s.constraint_set == {"distill", "clip"} and s.replay_ratio == 0.4 and s.update_config().replay_count() == 3
 
 
 def test_naive_settings_switch_everything_off(monkeypatch):
@@ -31,7 +31,7 @@ def test_toml_file_and_env_precedence(tmp_path, monkeypatch):
     f = tmp_path / "c.toml"
     f.write_text('batch_size = 4\nreduce_keep = 0.5\nconstraints = "replay,clip"\n')
     s = load_settings(f)
-    assert (s.batch_size, s.reduce_keep, s.constraint_set) == (4, 0.5, {"replay", "clip"})
+    assert (s.batch_size, s.reduce_keep, s.constraint_set) == (4, 0.5, {"clip"})
     monkeypatch.setenv("CASCADE_BATCH_SIZE", "3")
     assert load_settings(f).batch_size == 3
     monkeypatch.setenv("CASCADE_CONFIG", str(f))
@@ -101,3 +101,27 @@ def test_processes_that_never_load_a_model_never_import_torch(tiny_model, tmp_pa
     code = "import sys, daemon.lineage; print('torch' in sys.modules and 'peft' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_replay_has_one_switch_and_the_old_spelling_still_reads(monkeypatch):
+    # CASCADE_REPLAY_RATIO decides replay; "replay" in CASCADE_CONSTRAINTS is accepted and changes nothing.
+    monkeypatch.setenv("CASCADE_CONSTRAINTS", "replay,anchor")
+    s = load_settings()
+    assert s.constraint_set == {"anchor"} and s.update_config().replay_count() > 0
+    monkeypatch.setenv("CASCADE_CONSTRAINTS", "replay")
+    assert load_settings().constraints == "none"
+    monkeypatch.setenv("CASCADE_REPLAY_RATIO", "0")
+    assert load_settings().update_config().replay_count() == 0
+
+
+def test_every_setting_explains_itself_and_the_docs_follow_the_model():
+    from pathlib import Path
+
+    from daemon.config import GROUPS, Settings, configuration_markdown
+
+    for name, f in Settings.model_fields.items():
+        assert f.description, f"CASCADE_{name.upper()} has no description"
+        assert (f.json_schema_extra or {}).get("group") in GROUPS, f"CASCADE_{name.upper()} has no group"
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == configuration_markdown(), (
+        "docs/configuration.md is stale: run python -m daemon.config --markdown > docs/configuration.md")

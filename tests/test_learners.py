@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from learners.data import IGNORE, Example, collate, encode
-from learners.update import ContinualLearner, UpdateConfig, evaluate_loss
+from learners.update import ALL_CONSTRAINTS, ContinualLearner, UpdateConfig, evaluate_loss
 
 DATA = [Example(id=str(i), prompt=f"Q{i}:", response=f" answer {i % 3} done.") for i in range(16)]
 OTHER = [Example(id=f"o{i}", prompt="", response=f"zebra {i} quartz.", domain="other") for i in range(8)]
@@ -20,6 +20,7 @@ def tok(tokenizer_dir):
 
 
 def make(tiny_model, tok, **kw) -> ContinualLearner:
+    kw = {"constraints": ALL_CONSTRAINTS, "replay_weight": 1.0, **kw}  # every term on, every row alike
     cfg = UpdateConfig(lora_rank=4, learning_rate=5e-3, batch_size=4, max_seq_len=32, **kw)
     return ContinualLearner(tiny_model, tok, cfg)
 

@@ -50,7 +50,8 @@ def test_the_policy_wants_enough_sources_with_enough_items():
 @pytest.mark.parametrize("meta", ["on", "off"])
 def test_a_forked_lineage_starts_from_the_meta_learned_adapter_when_on(tmp_path, tiny_model, meta):
     s = load_settings(home=tmp_path / "home", base_model=tiny_model, batch_size=4, max_seq_len=32, reduce_every=0,
-                      learning_rate=3e-3, gate="off", meta_init=meta, meta_rounds=4, meta_inner_steps=2)
+                      learning_rate=3e-3, gate="off", heldout_fraction=0, meta_init=meta, meta_rounds=4,
+                      meta_inner_steps=2)
     registry = Registry(s.registry_root)
     ensure_foundation(registry.lineage("main"), s.base_model)
     w = LineageWorker(s, "main")

@@ -124,23 +124,27 @@ def test_the_learner_follows_its_phases_and_starts_them_again_after_a_restart(tm
                       constraints="replay", phases=WARMUP)
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
-    reports = []
+    reports, n, start = [], s.window_size(), 0  # the driver's first window: sized at the configured 0.25 replay
     for k in range(3):
         before = lora_by_module(w)
-        rep = w.learn(items(6, 6 * k))
+        rep = w.learn(items(n, start))
         reports.append((rep, changed_modules(before, w)))
+        start, n = start + n, rep.window  # then what the learner asks for, as the driver does
     (r1, m1), (r2, m2), (r3, m3) = reports
-    # Warm-up: 0.6 replay (batch 4 -> 2 new rows a step, so a window of 6 takes 3 steps), half the rate,
-    # only q and v trained; it ends at the first window starting at or after 4 steps.
+    # Warm-up: 0.6 replay (batch 4 -> 2 new rows a step), half the rate, only q and v trained; it ends at
+    # the first window starting at or after 4 steps. Every window is window_steps steps, the first one
+    # too (6 items sized for 3 new rows a step: they are spread over 2 steps that replay less).
+    assert s.window_size() == 6 and r1.window == 4 and r3.window == 6
+    assert r1.steps == r2.steps == r3.steps == s.window_steps == 2
     assert r1.phase == r2.phase == "warmup" and r3.phase == "full"
     assert r1.knobs == {"learning_rate": pytest.approx(1e-3), "replay_ratio": 0.6, "distill_weight": 0.5}
-    assert r1.steps == 3 and m1 == m2 == {"q_proj", "v_proj"}
+    assert m1 == m2 == {"q_proj", "v_proj"}
     assert r3.knobs["learning_rate"] == pytest.approx(2e-3) and r3.knobs["replay_ratio"] == 0.25
     assert m3 == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert w.state()["phase"] == "full"
     w.close()
     again = LineageWorker(s, "main")  # the adapter's step count is checkpointed: still in "full"
-    assert again.learn(items(6, 18)).phase == "full"
+    assert again.learn(items(6, start)).phase == "full"
     again.close()
 
 
@@ -156,7 +160,8 @@ def test_a_lineage_tunes_itself_after_a_rollback_and_keeps_the_tuned_values(tmp_
     lr = next(c for c in rep.tuning if c.knob == "learning_rate")
     assert lr.old == 0.05 and lr.new < 0.05 and "rolled the window back" in lr.reason
     assert w.learn(items(8, 200)).knobs["learning_rate"] == pytest.approx(lr.new)
+    tuned = w.knobs()  # as the tuner left them after that window
     w.close()
     again = LineageWorker(s, "main")
-    assert again.knobs().learning_rate == pytest.approx(lr.new)
+    assert again.knobs() == tuned and tuned.learning_rate < 0.05
     again.close()

@@ -1,6 +1,7 @@
 """Merge, importance, structured pruning and healing on a tiny Llama."""
 from __future__ import annotations
 
+import math
 from copy import deepcopy
 from dataclasses import replace
 
@@ -9,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners.data import Example, collate
+from learners.reduce import ReductionData, Switches, reduce
 from learners.reduction import (MergeError, activation_importance, count_parameters, heal, kept_blocks,
                                 magnitude_importance, merge_adapter, prune, random_importance, reconstruct)
 from learners.update import ContinualLearner, UpdateConfig, evaluate_loss, load_causal_lm
@@ -228,3 +230,68 @@ def test_candidate_allocations_spend_the_same_budget_differently(tiny_model):
     tiny = ModelShape.of(AutoConfig.from_pretrained(tiny_model))
     for p in plan_candidates(tiny, 0.7):
         assert p.layers >= 1 and p.kv_heads >= 1 and 8 <= p.intermediate <= tiny.intermediate
+
+
+# -- the reducer (learners/reduce.py): the decisions it makes --------------------------------------------
+
+def _reduce(teacher, tok, budget=math.inf, keep=0.6, max_tries=1, **switches):
+    data = ReductionData(calibration=DATA[:16], heal=DATA, gate={"d": DATA[16:]}, **switches.pop("data", {}))
+    policy = ReductionPolicy(every=0, keep=keep, budget=budget, max_tries=max_tries)
+    return reduce(teacher, tok, data, policy, Switches(max_seq_len=32, heal_steps=2, **switches))
+
+
+def test_the_reducer_keeps_refit_and_reconstruction_only_where_the_gate_sets_agree(tiny_model, tok):
+    teacher = _trained_teacher(tiny_model, tok)
+    before = _logits(teacher, tok)
+    out = _reduce(teacher, tok)
+    (t,) = out.record.tries
+    policy = ReductionPolicy(0, 0.6, math.inf)
+    worst = lambda ppl: policy.passes(out.record.ppl_before, ppl)[1]  # noqa: E731
+    assert t.refit_kept == (worst(t.ppl_refitted) <= worst(t.ppl_cut))
+    assert t.ppl_pruned == (t.ppl_refitted if t.refit_kept else t.ppl_cut)
+    assert t.reconstruction_kept == (worst(t.ppl_reconstructed) <= worst(t.ppl_pruned))
+    # The result is the passing try's plan, healed; the teacher is left as it was.
+    assert out.record.passed and out.record.plan.label == t.plan and t.plan in t.candidates
+    assert out.model.config.intermediate_size == t.mlp_intermediate and out.record.ppl_after == t.ppl_healed
+    assert out.record.n_params_after == count_parameters(out.model) < out.record.n_params_before
+    assert torch.equal(_logits(teacher, tok), before)
+    # Forced on / off: the switches override the decision.
+    forced = _reduce(teacher, tok, refit="off", reconstruct="on").record.tries[0]
+    assert forced.refit_kept is None and forced.ppl_refitted is None and forced.ppl_pruned == forced.ppl_cut
+    assert forced.reconstruction_kept is True
+    off = _reduce(teacher, tok, reconstruct="off").record.tries[0]
+    assert off.reconstruction_kept is None and off.ppl_reconstructed is None
+
+
+def test_the_reducer_backs_off_to_larger_keeps_and_gives_up_after_the_last(tiny_model, tok):
+    teacher = _trained_teacher(tiny_model, tok)
+    out = _reduce(teacher, tok, budget=1.0 + 1e-9, keep=0.3, max_tries=3)  # only a perfect copy would pass
+    assert out.model is None and not out.record.passed
+    assert [t.keep_target for t in out.record.tries] == [0.3, 0.4, 0.5]
+    assert all(not t.passed and t.worst_ratio > 1.0 for t in out.record.tries)
+    achieved = [t.keep_achieved for t in out.record.tries]
+    assert achieved == sorted(achieved) and len(set(achieved)) == 3
+
+
+def test_data_free_scores_a_fixed_plan_and_the_heal_hook(tiny_model, tok):
+    teacher = _trained_teacher(tiny_model, tok)
+    plan = plan_reduction(ModelShape.of(teacher.config), 0.6)
+    seen = []
+    out = _reduce(teacher, tok, importance="magnitude", reconstruct="off", plan=plan,
+                  on_heal_step=lambda student, i, n, kl: seen.append((i, n, student.config.intermediate_size)),
+                  data={"watch": {"other": DATA[:4]}})
+    (t,) = out.record.tries
+    assert t.candidates == {} and t.plan == plan.label and t.refit_kept is None  # no Gram matrices to refit with
+    assert seen == [(1, 2, plan.intermediate), (2, 2, plan.intermediate)]
+    assert set(t.watch) == {"cut", "pruned", "healed"} and set(t.watch["healed"]) == {"other"}
+    assert set(out.record.watch_before) == {"other"} and "watch" not in t.card()
+
+
+def test_the_reducer_trims_the_vocabulary_and_judges_the_trim_per_byte(tiny_model, tok):
+    teacher = _trained_teacher(tiny_model, tok)
+    kept = _reduce(teacher, tok, data={"vocabulary": DATA})
+    vocab = kept.record.vocabulary
+    assert vocab["kept"] and len(kept.tokenizer) == vocab["tokens"][1] < vocab["tokens"][0] == len(tok)
+    assert kept.model.config.vocab_size == len(kept.tokenizer) and kept.record.ppl_after == vocab["ppl_after"]
+    # Judged per byte of text against the parent, as every try is.
+    assert set(vocab["ppl_in_parent_tokens"]) == {"d"} and vocab["items"] == len(DATA)

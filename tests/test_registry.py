@@ -130,9 +130,11 @@ def test_naive_settings_really_switch_everything_off(tmp_path, tiny_model):
     poison = [Interaction(entry_id=f"{100 + i}-0", id=f"p{i}", prompt="", response="@@@@ ~~~~ " * 6)
               for i in range(30)]
     rep = w.learn(poison)
-    assert first.heldout_added == 0 and rep.heldout_added == 0 and w.heldout == {}
-    assert rep.rollback is None and rep.learned == 30 and len(w.replay) == 0
-    assert w.counters["interactions_learned"] == 70
+    # The held-out split stays with the gate off (a reduction is judged on it), but nothing is rolled back.
+    held = first.heldout_added + rep.heldout_added
+    assert first.heldout_added > 0 and sum(len(v) for v in w.heldout.values()) == held
+    assert rep.rollback is None and rep.learned == 30 - rep.heldout_added and len(w.replay) == 0
+    assert w.counters["interactions_learned"] == 70 - held
 
 
 def test_failed_reduction_gate_leaves_current_untouched(tmp_path, tiny_model, monkeypatch):
