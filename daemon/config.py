@@ -58,11 +58,23 @@ class Settings(BaseSettings):
     max_update_scale: float = Field(1.0, gt=0, description="cap on one step's L2 change to the adapter, in units of "
                                     "learning_rate x sqrt(trainable parameters)")
     gate: bool = Field(True, description="on/off: the held-out check that rolls an update back")
-    gate_step_budget: float = Field(0.05, gt=0, description="nats a held-out source may rise in one window")
-    gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best")
+    gate_step_budget: float = Field(0.25, gt=0, description="nats one window may raise a held-out source (beyond "
+                                    "noise) before the window is judged harmful and its interactions set aside")
+    gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best: the "
+                                     "bound on cumulative forgetting per source")
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of interactions kept out of training")
     heldout_per_domain: int = Field(32, ge=1, le=10_000)
     gate_min_items: int = Field(8, ge=1, description="held-out items a source needs before the gate judges it")
+
+    gate_noise_z: float = Field(2.0, ge=0, description="a held-out loss counts as moved only beyond this many "
+                                "standard errors of its paired per-item change")
+    gate_retries: int = Field(2, ge=0, le=10, description="tries of a window over the forgetting bound under stronger "
+                              "protection (half the rate, twice the distillation, replay of the sources it hurt) "
+                              "before its interactions are deferred")
+    defer_capacity: int = Field(512, ge=0, description="deferred interactions kept per lineage to be tried again "
+                                "(beyond it, the oldest stay in the replay store)")
+    defer_tries: int = Field(4, ge=1, le=100, description="windows a deferred interaction is tried in before it is "
+                             "set aside as unlearnable")
 
     # -- phases and self-tuning -------------------------------------------------------------------
     phases: str = Field("", description="phases of each adapter's life, e.g. 'warmup: steps=40, modules=q_proj+v_proj, "
