@@ -293,6 +293,7 @@ class LineageWorker:
         outcomes += [(ex.id, "refused") for ex in exhausted]
         self.replay.extend([ex for ex in overflow if ex.reward > 0])
         outcomes += [(ex.id, "replayed") for ex in overflow]
+        rep.replayed += len(overflow)
 
     @property
     def heldout_items(self) -> dict[str, list[Example]]:
@@ -340,6 +341,8 @@ class LineageWorker:
     def _finish(self, rep: LearnReport, t0: float) -> LearnReport:
         rep.heldout = dict(self.last_heldout)
         rep.forgetting = forgetting(self.last_heldout, self.best)
+        rep.source_forgetting = self.source_forgetting()
+        rep.deferred_waiting = len(self.deferred)
         rep.replay_items = len(self.replay)
         rep.update_seconds = time.perf_counter() - t0
         rep.reduce_due = self.s.reduction_policy().due(self.counters["since_reduction"])
@@ -374,10 +377,17 @@ class LineageWorker:
             "counters": self.counters,
             "best": self.best,
             "heldout_loss": self.last_heldout,
+            "source_forgetting": self.source_forgetting(),
+            "forgetting_bound": self.s.gate_total_budget,
+            "deferred_waiting": len(self.deferred),
             "phase": self.phase,
             "knobs": vars(self.knobs()),
             "updated_at": now_rfc3339(),
         }
+
+    def source_forgetting(self) -> dict[str, float]:
+        """Per held-out source: how far its loss sits above the best this lineage reached on it."""
+        return {d: max(0.0, v - self.best[d]) for d, v in self.last_heldout.items() if d in self.best}
 
     def status(self) -> dict:
         return {"lineage": self.lineage, "generation": self.generation, "n_params": self.n_params,

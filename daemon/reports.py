@@ -31,6 +31,9 @@ class LearnReport:
     redeemed: int = 0  # of ``learned``: interactions an earlier window deferred
     deferred: int = 0  # new interactions kept to be tried again (too costly now)
     refused: list[dict] = field(default_factory=list)  # set aside: id, prompt, response, reward, domain, reason, detail
+    replayed: int = 0  # deferred interactions pushed out of the bounded queue into the replay store
+    deferred_waiting: int = 0  # deferred interactions this lineage keeps to try again
+    source_forgetting: dict[str, float] = field(default_factory=dict)  # per source: held-out loss above its best
     replay_items: int = 0
     update_seconds: float = 0.0
     reduce_due: bool = False
