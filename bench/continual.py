@@ -37,10 +37,11 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, Daemon, commit, commit_marks, foundation, live_model, ppl, write_json
+from daemon.corpus import SUITES
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DOMAINS = ["man", "python", "rust", "c"]
+DOMAINS = ["man", "python", "rust", "c"]  # the "related" suite (daemon/corpus.py SUITES)
 NEW_PER_STEP = 4
 LEARNING_RATE = 2e-3
 REPLAYED_PER_STEP = 3  # default's batch: NEW_PER_STEP new + round(0.4 * 7) = 3 replayed rows
@@ -80,13 +81,13 @@ def run_config(name: str, settings: dict, train: dict, held: dict, work, max_seq
     rows = []
     try:
         if name == "joint":
-            everything = [r for d in DOMAINS for r in train[d]]
+            everything = [r for d in train for r in train[d]]
             random.Random(1).shuffle(everything)
             daemon.publish(everything)
             daemon.wait_drained()
             rows.append(evaluate(daemon.home, held, max_seq_len))
         else:
-            for d in DOMAINS:
+            for d in train:  # the stages, in the suite's order
                 daemon.publish(train[d])
                 daemon.wait_drained()
                 rows.append(evaluate(daemon.home, held, max_seq_len))
@@ -94,9 +95,11 @@ def run_config(name: str, settings: dict, train: dict, held: dict, work, max_seq
         state = json.loads((daemon.home / "registry/main/live/state.json").read_text())
     finally:
         daemon.stop()
-    return {"R": [[row[d] for d in DOMAINS] for row in rows], "seconds": time.monotonic() - t0,
+    c = state["counters"]
+    return {"R": [[row[d] for d in train] for row in rows], "seconds": time.monotonic() - t0,
             "update_steps": state["update_steps"], "interactions_learned": state["interactions_learned"],
-            "rollbacks": state["counters"].get("rollbacks", 0), "settings": settings}
+            "rollbacks": c.get("rollbacks", 0), "deferred": c.get("deferred", 0), "refused": c.get("refused", 0),
+            "deferred_waiting": state.get("deferred_waiting", 0), "settings": settings}
 
 
 def run_avalanche(name: str, base_model, train: dict, held: dict, seq: int) -> dict:
@@ -108,7 +111,7 @@ def run_avalanche(name: str, base_model, train: dict, held: dict, seq: int) -> d
     with tempfile.TemporaryDirectory() as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job.write_text(json.dumps({
-            "name": name, "base_model": str(base_model), "domains": DOMAINS, "train": train,
+            "name": name, "base_model": str(base_model), "domains": list(train), "train": train,
             "held": {d: [ex.to_json() for ex in v] for d, v in held.items()},
             "seq": seq, "lr": LEARNING_RATE, "rank": 16, "new_per_step": NEW_PER_STEP,
             "replay_rows": REPLAYED_PER_STEP, "mem_size": 2000, "threads": 2}))
@@ -124,8 +127,8 @@ def summarize(res: dict, base: list[float]) -> dict:
     R = res["R"]
     final = R[-1]
     out = {"avg_final_loss": sum(final) / len(final), "avg_final_ppl": sum(ppl(x) for x in final) / len(final)}
-    if len(R) == len(DOMAINS):
-        T = len(DOMAINS)
+    if len(R) == len(R[0]):  # one row per stage (not joint's single row)
+        T = len(R[0])
         out["forgetting"] = [max(0.0, final[d] - min(R[s][d] for s in range(d, T))) for d in range(T - 1)]
         out["avg_forgetting"] = sum(out["forgetting"]) / (T - 1)
         out["backward_transfer"] = sum(R[d][d] - final[d] for d in range(T - 1)) / (T - 1)
@@ -140,13 +143,14 @@ def plot(doc: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    staged = [k for k, v in doc["configs"].items() if len(v["R"]) == len(DOMAINS)]
+    domains = doc["domains"]
+    staged = [k for k, v in doc["configs"].items() if len(v["R"]) == len(domains)]
     fig, axes = plt.subplots(1, len(staged), figsize=(4.2 * len(staged), 3.8), squeeze=False)
     for ax, name in zip(axes[0], staged):
         R = doc["configs"][name]["R"]
         im = ax.imshow(R, cmap="viridis_r")
-        ax.set_xticks(range(len(DOMAINS)), DOMAINS)
-        ax.set_yticks(range(len(DOMAINS)), [f"after {d}" for d in DOMAINS])
+        ax.set_xticks(range(len(domains)), domains)
+        ax.set_yticks(range(len(domains)), [f"after {d}" for d in domains])
         for i, row in enumerate(R):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
@@ -162,6 +166,10 @@ def main(argv=None) -> int:
     ap.add_argument("--table", metavar="JSON", help="only print the README table of an earlier run")
     ap.add_argument("--configs",
                     default="naive,default,joint,avalanche-replay,avalanche-ewc,avalanche-lwf")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="related",
+                    help="related: man/python/rust/c (help one another); unlike: locale/changelog/js/man (interfere)")
+    ap.add_argument("--order", choices=("forward", "reverse"), default="forward", help="the order of the stages")
+    ap.add_argument("--seed", type=int, default=0, help="data split, sampling and the learners' seed")
     ap.add_argument("--update", action="store_true",
                     help="keep the configurations of the existing JSON that --configs does not rerun")
     args = ap.parse_args(argv)
@@ -170,9 +178,10 @@ def main(argv=None) -> int:
         return 0
     per_stage, heldout, seq = (16, 8, 96) if args.quick else (128, 16, 128)
     base_model = foundation()
-    train, held = load_data(per_stage, heldout)
+    domains = SUITES[args.suite][:: 1 if args.order == "forward" else -1]
+    train, held = load_data(per_stage, heldout, args.seed, domains)
     common = {"base_model": base_model, "max_seq_len": seq, "learning_rate": LEARNING_RATE, "reduce_every": 0,
-              "window_steps": 4, "metrics_port": 0, "heldout_fraction": 0.05}
+              "window_steps": 4, "metrics_port": 0, "heldout_fraction": 0.05, "seed": args.seed}
     configs = {
         "naive": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
         "default": {**common, "batch_size": NEW_PER_STEP + REPLAYED_PER_STEP},
@@ -183,9 +192,12 @@ def main(argv=None) -> int:
     work = RESULTS.parent / ".work" / "continual"
     base = evaluate_foundation(base_model, held, seq)
     print("foundation: " + " ".join(f"{k}={v:.3f}" for k, v in base.items()), flush=True)
-    doc = {"domains": DOMAINS, "per_stage": per_stage, "heldout_per_domain": heldout, "max_seq_len": seq,
-           "new_per_step": NEW_PER_STEP, "foundation_loss": [base[d] for d in DOMAINS], "configs": {}}
-    suffix = "-quick" if args.quick else ""
+    doc = {"suite": args.suite, "order": args.order, "seed": args.seed, "domains": domains, "per_stage": per_stage,
+           "heldout_per_domain": heldout, "max_seq_len": seq, "new_per_step": NEW_PER_STEP,
+           "foundation_loss": [base[d] for d in domains], "configs": {}}
+    variant = "" if (args.suite, args.order, args.seed) == ("related", "forward", 0) else \
+        f"-{args.suite}-{args.order}-s{args.seed}"
+    suffix = variant + ("-quick" if args.quick else "")
     path = RESULTS / f"continual{suffix}.json"
     if args.update and path.exists():
         doc["configs"] = json.loads(path.read_text())["configs"]
@@ -220,7 +232,8 @@ def evaluate_foundation(base_model, held, seq) -> dict[str, float]:
 def markdown_table(doc: dict) -> str:
     """The README table: one row per configuration."""
     lines = ["| config | avg final ppl | avg forgetting (nats) | backward transfer (nats) | loss right after own stage "
-             f"({', '.join(DOMAINS)}) | steps | rollbacks | minutes |", "|---|---|---|---|---|---|---|---|"]
+             f"({', '.join(doc['domains'])}) | steps | rollbacks | deferred | refused | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     note, marks = commit_marks(list(doc["configs"].values()))
     lines.insert(0, note + "\n")
     for (name, res), mark in zip(doc["configs"].items(), marks):
@@ -229,7 +242,8 @@ def markdown_table(doc: dict) -> str:
         b = f"{s['backward_transfer']:+.4f}" if "backward_transfer" in s else "-"
         p = " / ".join(f"{x:.3f}" for x in s.get("plasticity", [])) or "-"
         lines.append(f"| {name}{mark} | {s['avg_final_ppl']:.3f} | {f} | {b} | {p} | {res['update_steps']} | "
-                     f"{res['rollbacks']} | {res['seconds'] / 60:.1f} |")
+                     f"{res['rollbacks']} | {res.get('deferred', '-')} | {res.get('refused', '-')} | "
+                     f"{res['seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 

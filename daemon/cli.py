@@ -112,8 +112,17 @@ def lineage_rows(registry: Registry) -> list[dict]:
                      "update_steps": state.get("update_steps", 0),
                      "interactions_learned": state.get("interactions_learned", 0),
                      "heldout_loss": state.get("heldout_loss", {}), "live_base": state.get("base"),
-                     "updated_at": state.get("updated_at")})
+                     "fates": fates(state), "source_forgetting": state.get("source_forgetting", {}),
+                     "forgetting_bound": state.get("forgetting_bound"), "updated_at": state.get("updated_at")})
     return rows
+
+
+def fates(state: dict) -> dict:
+    """What became of a lineage's interactions so far (from its checkpoint's counters)."""
+    c = state.get("counters", {})
+    return {"learned": c.get("interactions_learned", 0), "heldout": c.get("heldout_seen", 0),
+            "deferred_waiting": state.get("deferred_waiting", 0), "deferred": c.get("deferred", 0),
+            "refused": c.get("refused", 0), "rollbacks": c.get("rollbacks", 0)}
 
 
 def generation_tree(registry: Registry, only: str | None = None) -> list[dict]:
@@ -194,6 +203,13 @@ def status_lines(doc: dict) -> list[str]:
         ho = " ".join(f"{k}={v:.3f}" for k, v in r["heldout_loss"].items()) or "-"
         lines.append(f"{r['lineage']:<16}{r['generation']:<12}{r['n_params']:>14,}{r['update_steps']:>9}"
                      f"{r['interactions_learned']:>10}  {ho}")
+        f = r["fates"]
+        handled = max(1, f["learned"] + f["deferred_waiting"] + f["refused"])
+        shares = "  ".join(f"{k} {f[k] / handled:.0%}" for k in ("learned", "deferred_waiting", "refused"))
+        bound = r["forgetting_bound"]
+        gaps = " ".join(f"{k}=+{v:.3f}" for k, v in r["source_forgetting"].items()) or "-"
+        lines.append(f"{'':<16}fates: {shares.replace('deferred_waiting', 'deferred')} (rollbacks {f['rollbacks']})"
+                     f"  forgetting per source {gaps}" + (f" (bound {bound:g})" if bound is not None else ""))
     return lines
 
 

@@ -86,16 +86,27 @@ class Settings(BaseSettings):
                                     json_schema_extra=TUNING)
     gate: bool = Field(True, description="on/off: the held-out check that rolls an update back (the held-out "
                        "split is kept either way)", json_schema_extra=ESSENTIAL)
-    gate_step_budget: float = Field(0.05, gt=0, description="nats a held-out source may rise in one window",
+    gate_step_budget: float = Field(0.25, gt=0, description="nats one window may raise a held-out source (beyond "
+                                    "noise) before the window is judged harmful and its interactions set aside",
                                     json_schema_extra=TUNING)
-    gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best",
-                                     json_schema_extra=TUNING)
+    gate_total_budget: float = Field(0.15, gt=0, description="nats a held-out source may sit above its best: the "
+                                     "bound on cumulative forgetting per source", json_schema_extra=TUNING)
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of interactions kept out of training "
                                     "(chosen by a hash of the id), per source", json_schema_extra=TUNING)
     heldout_per_domain: int = Field(32, ge=1, le=10_000, description="held-out items kept per source (reservoir)",
                                     json_schema_extra=TUNING)
     gate_min_items: int = Field(8, ge=1, description="held-out items a source needs before the gate judges it",
                                 json_schema_extra=TUNING)
+
+    gate_noise_z: float = Field(2.0, ge=0, description="a held-out loss counts as moved only beyond this many "
+                                "standard errors of its paired per-item change", json_schema_extra=TUNING)
+    gate_retries: int = Field(2, ge=0, le=10, description="tries of a window over the forgetting bound under stronger "
+                              "protection (half the rate, twice the distillation, replay of the sources it hurt) "
+                              "before its interactions are deferred", json_schema_extra=TUNING)
+    defer_capacity: int = Field(512, ge=0, description="deferred interactions kept per lineage to be tried again "
+                                "(beyond it, the oldest stay in the replay store)", json_schema_extra=TUNING)
+    defer_tries: int = Field(4, ge=1, le=100, description="windows a deferred interaction is tried in before it is "
+                             "set aside as unlearnable", json_schema_extra=TUNING)
 
     # -- phases and self-tuning -------------------------------------------------------------------
     phases: str = Field("", description="phases of each adapter's life, e.g. 'warmup: steps=40, modules=q_proj+v_proj, "

@@ -125,9 +125,47 @@ def _take(files: list[Path], limit: int, seed: int, name: Callable[[Path], str])
     return out
 
 
+def locale_docs(limit: int, seed: int = 0) -> list[Document]:
+    """glibc locale definitions: structured tables of <Uxxxx> code points, names and formats."""
+    files = sorted(p for p in Path("/usr/share/i18n/locales").iterdir() if p.is_file() and p.stat().st_size > 3000)
+    return _take(files, limit, seed, lambda p: p.name)
+
+
+def changelog_docs(limit: int, seed: int = 0) -> list[Document]:
+    """Debian package changelogs: terse English between version lines, names and dates."""
+    files = sorted(p for p in Path("/usr/share/doc").glob("*/changelog.Debian.gz") if p.stat().st_size > 1500)
+    random.Random(seed).shuffle(files)
+    out = []
+    for p in files:
+        if len(out) >= limit:
+            break
+        try:
+            text = gzip.decompress(p.read_bytes()).decode("utf-8")
+        except (OSError, UnicodeDecodeError, EOFError):
+            continue
+        if len(text) > 3000:
+            out.append(Document(p.parent.name, text))
+    return out
+
+
+def javascript_docs(limit: int, seed: int = 0) -> list[Document]:
+    """JavaScript modules shipped with Node.js packages (minified files skipped)."""
+    files = sorted({p.resolve() for root in ("/usr/lib/node_modules", "/usr/share/nodejs")
+                    for p in Path(root).rglob("*.js") if p.is_file() and ".min." not in p.name
+                    and p.stat().st_size > 3000} if Path("/usr/lib/node_modules").exists()
+                   or Path("/usr/share/nodejs").exists() else set())
+    docs = _take(files, limit * 3, seed, lambda p: "/".join(p.parts[-3:]))
+    return [d for d in docs if max(map(len, d.text.splitlines())) < 400][:limit]  # no one-line bundles
+
+
 SOURCES: dict[str, Callable[[int, int], list[Document]]] = {
     "python": python_docs, "perl": perl_docs, "c": c_header_docs, "man": man_docs, "rust": rust_book_docs,
+    "locale": locale_docs, "changelog": changelog_docs, "js": javascript_docs,
 }
+# Benchmark suites: "related" are the continual benchmark's four (code and prose that help one another);
+# "unlike" are four kinds of text as far apart as this machine has (tables, terse changelogs, code, prose).
+SUITES: dict[str, list[str]] = {"related": ["man", "python", "rust", "c"],
+                                "unlike": ["locale", "changelog", "js", "man"]}
 
 
 def interactions(doc: Document, domain: str, chars: int = 360, per_doc: int = 4, context: int = 200) -> Iterator[dict]:

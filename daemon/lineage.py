@@ -39,12 +39,18 @@ from learners.data import Example, chunks
 from learners.meta import ReptileConfig, reptile
 from learners.reduce import ReductionData, reduce
 from learners.reduction import count_parameters, merge_adapter
-from learners.replay import ReplayBuffer
-from learners.update import ContinualLearner, evaluate_loss
-from policies.gate import forgetting, judge_update
+from learners.replay import DeferredQueue, ReplayBuffer
+from learners.update import ContinualLearner, evaluate_loss, item_losses
+from policies.gate import Measured, Protection, forgetting, judge_window, stronger
 from policies.tuning import Knobs, Signal
 
 log = logging.getLogger("cascade.lineage")
+
+
+def refusal(ex: Example, reason: str, detail: str) -> dict:
+    """What the driver copies to the dead-letter stream for an interaction the gate set aside."""
+    return {"id": ex.id, "prompt": ex.prompt, "response": ex.response, "reward": ex.reward, "domain": ex.domain,
+            "reason": reason, "detail": detail[:300]}
 
 
 class LineageWorker:
@@ -59,7 +65,7 @@ class LineageWorker:
         self.ledger.forget_after(self.step)
         self.counters = dict(state.get("counters", {}))
         for k in ("update_steps", "interactions_learned", "since_reduction", "rollbacks", "heldout_seen",
-                  "adapter_steps"):
+                  "adapter_steps", "deferred", "refused"):
             self.counters.setdefault(k, 0)
         self.schedule = settings.phase_schedule()
         self.tuner = settings.self_tuner()
@@ -77,7 +83,12 @@ class LineageWorker:
                                                  settings.replay_max_bytes)
         if live is not None and (live / "heldout.json").is_file():
             self.heldout = {d: [Example.from_json(x) for x in v] for d, v in read_json(live / "heldout.json").items()}
+        self.deferred = DeferredQueue(settings.defer_capacity, settings.defer_tries)
+        if live is not None and (live / "deferred.json").is_file():
+            self.deferred = DeferredQueue.from_json(read_json(live / "deferred.json"), settings.defer_capacity,
+                                                    settings.defer_tries)
         self.recent: collections.deque[Example] = collections.deque(maxlen=settings.calibration_items)
+        self._item_losses: dict[str, tuple[list[float], list[int]]] = {}
         self._heldout_dirty = True
         self._changed_domains: set[str] = set()
         self._load_learner(state, live)
@@ -145,11 +156,6 @@ class LineageWorker:
         self._heldout_dirty = True
         self._changed_domains.add(ex.domain)
 
-    def heldout_losses(self, model=None) -> dict[str, float]:
-        model = model if model is not None else self.learner.model
-        return {d: evaluate_loss(model, self.tokenizer, v, self.s.max_seq_len, self.s.batch_size,
-                                 self.s.precision == "bf16") for d, v in sorted(self.heldout.items()) if v}
-
     def new_per_step(self) -> int:
         """New rows in a batch of ``batch_size`` at the replay ratio in force (phase and self-tuning included)."""
         return max(1, self.s.batch_size - self.learner.config.replay_count())
@@ -186,69 +192,132 @@ class LineageWorker:
                 train.append(ex)
 
         if train:
+            # Interactions an earlier window deferred are tried again beside the new ones.
+            retried = self.deferred.take(self.new_per_step())
+            rows = [ex for ex, _ in retried] + train
             self._configure_window(rep)
-            # Never more than window_steps steps: a window bigger than this phase wants (sized before the
-            # phase or the tuner changed the replay ratio) spreads its rows and replays less.
-            steps = min(self.s.window_steps, math.ceil(len(train) / self.new_per_step()))
-            per_step = math.ceil(len(train) / steps)
-            n_replay = min(self.learner.config.replay_count(), max(0, self.s.batch_size - per_step))
-            before = self.last_heldout
-            if self.s.gate and self._heldout_dirty:
-                # A source whose held-out set changed is measured afresh: its best so far was a
-                # number about other items and cannot be compared with the new ones.
-                before = self.heldout_losses()
-                for d, v in before.items():
-                    self.best[d] = v if d in self._changed_domains else min(v, self.best.get(d, math.inf))
-                self._heldout_dirty = False
-                self._changed_domains.clear()
+            decision, new_tokens, kept_steps = self._learn_window(rows, rep)
+            if decision is None or decision.accept:
+                self.learner.accept()
+                if self.learner.config.replay_count():
+                    self.replay.extend([ex for ex in rows if ex.reward > 0])
+                self.recent.extend(rows)
+                outcomes += [(ex.id, "learned") for ex in rows]
+                rep.learned, rep.redeemed = len(rows), len(retried)
+                rep.learned_tokens = new_tokens
+                self.counters["interactions_learned"] += len(rows)
+                self.counters["since_reduction"] += len(rows)
+                self.counters["adapter_steps"] += kept_steps
+            elif decision.verdict == "harmful":
+                # Content that harms what the lineage keeps is set aside with its reason; interactions that
+                # were only waiting for room go back to wait (one try older).
+                rep.refused = [refusal(ex, "harmful", decision.detail) for ex in train]
+                outcomes += [(ex.id, "refused") for ex in train]
+                self._requeue(retried, outcomes, rep, decision)
+            else:
+                # Learnable but too costly now: kept (durably, with the checkpoint) to be tried again.
+                self._requeue([(ex, 0) for ex in train] + retried, outcomes, rep, decision)
+                waiting = set(self.deferred.ids())
+                rep.deferred = sum(1 for ex in train if ex.id in waiting)
+            self.counters["update_steps"] += rep.steps
+            if self.tuner is not None:
+                rep.tuning = self.tuner.observe(Signal(forgetting(self.last_heldout, self.best),
+                                                       rep.rollback is not None, rep.train_loss))
+                for c in rep.tuning:
+                    log.info("lineage %s: self-tuning %s %.4g -> %.4g: %s", self.lineage, c.knob, c.old, c.new, c.reason)
+        self.counters["deferred"] += rep.deferred
+        self.counters["refused"] += len(rep.refused)
+        self.last_entry_id = interactions[-1].entry_id
+        self.checkpoint(outcomes)
+        return self._finish(rep, t0)
+
+    def _learn_window(self, rows: list[Example], rep: LearnReport):
+        """Optimizer steps over ``rows`` (each batch topped up with replayed items), judged by the gate;
+        a refused window that may be learned more carefully is tried again under stronger protection
+        (up to ``gate_retries`` times). Returns the last decision (None with the gate off), the new rows'
+        tokens and the steps of the last try; the adapter is left as learned (accepted) or rolled back."""
+        before = self._measure_before() if self.s.gate else {}
+        # Never more than window_steps steps: a window bigger than this phase wants (sized before the
+        # phase or the tuner changed the replay ratio, or with deferred rows beside the new ones) spreads
+        # its rows and replays less.
+        n_steps = min(self.s.window_steps, math.ceil(len(rows) / self.new_per_step()))
+        per_step = math.ceil(len(rows) / n_steps)
+        n_replay = min(self.learner.config.replay_count(), max(0, self.s.batch_size - per_step))
+        base = self.learner.config.learning_rate, self.learner.config.distill_weight
+        protection, decision, steps = Protection(), None, 0
+        for attempt in range(self.s.gate_retries + 1):
+            steps = 0
+            self.learner.configure(learning_rate=base[0] * protection.lr_factor,
+                                   distill_weight=base[1] * protection.distill_factor)
             losses, new_tokens = [], 0
-            for part in chunks(train, per_step):
-                r = self.learner.step(part, self.replay.sample(n_replay))
+            for part in chunks(rows, per_step):
+                r = self.learner.step(part, self.replay.sample(n_replay, protection.prefer))
                 losses.append(r.task_loss)
+                steps += 1
                 rep.steps += 1
                 rep.tokens += r.tokens
                 new_tokens += r.new_tokens
             rep.train_loss = sum(losses) / len(losses)
-            if self.s.gate:
-                after = self.heldout_losses()
-                # Sources with too few held-out items are measured but not judged: on a handful of
-                # items the loss moves by more than the budget from noise alone.
-                judged = {d for d, v in self.heldout.items() if len(v) >= self.s.gate_min_items}
-                decision = judge_update({d: v for d, v in before.items() if d in judged},
-                                        {d: v for d, v in after.items() if d in judged},
-                                        self.best, self.s.gate_step_budget, self.s.gate_total_budget)
-            else:
-                after, decision = {}, None
-            if decision is None or decision.accept:
-                self.learner.accept()
-                if self.learner.config.replay_count():
-                    self.replay.extend([ex for ex in train if ex.reward > 0])
-                self.recent.extend(train)
-                for d, v in after.items():
+            if not self.s.gate:
+                break
+            after = self._measure(self.heldout_items)
+            judged = {d for d in after if len(self.heldout[d]) >= self.s.gate_min_items}
+            measured = {d: Measured(tuple(before[d][0]), tuple(after[d][0]), tuple(after[d][1])) for d in judged}
+            decision = judge_window(measured, {ex.domain for ex in rows}, self.best,
+                                    total_budget=self.s.gate_total_budget, harm_budget=self.s.gate_step_budget,
+                                    z=self.s.gate_noise_z)
+            rep.attempts = attempt + 1
+            if decision.accept:
+                self._item_losses = after
+                self.last_heldout = {d: sum(n) / max(1, sum(t)) for d, (n, t) in after.items()}
+                for d, v in self.last_heldout.items():
                     self.best[d] = min(v, self.best.get(d, math.inf))
-                self.last_heldout = after or self.last_heldout
-                outcomes += [(ex.id, "learned") for ex in train]
-                rep.learned = len(train)
-                rep.learned_tokens = new_tokens
-                self.counters["interactions_learned"] += len(train)
-                self.counters["since_reduction"] += len(train)
-            else:
-                self.learner.rollback()
-                self.counters["rollbacks"] += 1
-                rep.rollback, rep.rollback_detail = decision.reason, decision.detail
-                log.warning("lineage %s: update rolled back (%s): %s", self.lineage, decision.reason, decision.detail)
-                outcomes += [(ex.id, "rolled_back") for ex in train]
-            self.counters["update_steps"] += rep.steps
-            if not rep.rollback:
-                self.counters["adapter_steps"] += rep.steps
-            if self.tuner is not None:
-                rep.tuning = self.tuner.observe(Signal(forgetting(after or self.last_heldout, self.best),
-                                                       rep.rollback is not None, rep.train_loss))
-                for c in rep.tuning:
-                    log.info("lineage %s: self-tuning %s %.4g -> %.4g: %s", self.lineage, c.knob, c.old, c.new, c.reason)
-        self.last_entry_id = interactions[-1].entry_id
-        self.checkpoint(outcomes)
-        return self._finish(rep, t0)
+                break
+            self.learner.rollback()
+            self.counters["rollbacks"] += 1
+            rep.rollbacks.append(decision.reason)
+            rep.rollback, rep.rollback_detail = rep.rollback or decision.reason, decision.detail
+            log.warning("lineage %s: window refused (%s, try %d of %d): %s", self.lineage, decision.verdict,
+                        attempt + 1, self.s.gate_retries + 1, decision.detail)
+            if decision.verdict == "harmful":
+                break
+            protection = stronger(protection, decision.hurt)
+        self.learner.configure(learning_rate=base[0], distill_weight=base[1])
+        return decision, new_tokens, steps
+
+    def _requeue(self, items: list[tuple[Example, int]], outcomes: list[tuple[str, str]], rep: LearnReport,
+                 decision) -> None:
+        """Defer ``items`` one try older; those out of tries are refused, those pushed out of the bounded
+        queue stay in the replay store (learned as replay from then on)."""
+        exhausted, overflow = self.deferred.put_back(items)
+        waiting = set(self.deferred.ids())
+        outcomes += [(ex.id, "deferred") for ex, _ in items if ex.id in waiting]
+        detail = f"not learnable within the forgetting bound in {self.s.defer_tries} windows: {decision.detail}"
+        rep.refused += [refusal(ex, "unlearnable", detail) for ex in exhausted]
+        outcomes += [(ex.id, "refused") for ex in exhausted]
+        self.replay.extend([ex for ex in overflow if ex.reward > 0])
+        outcomes += [(ex.id, "replayed") for ex in overflow]
+        rep.replayed += len(overflow)
+
+    @property
+    def heldout_items(self) -> dict[str, list[Example]]:
+        return {d: v for d, v in sorted(self.heldout.items()) if v}
+
+    def _measure(self, sets: dict[str, list[Example]]) -> dict[str, tuple[list[float], list[int]]]:
+        return {d: item_losses(self.learner.model, self.tokenizer, v, self.s.max_seq_len, self.s.batch_size,
+                               self.s.precision == "bf16") for d, v in sets.items()}
+
+    def _measure_before(self) -> dict[str, tuple[list[float], list[int]]]:
+        """Per-item held-out losses of the accepted adapter, measured again where a held-out set changed
+        (a source's best so far was a number about other items and is reset with it)."""
+        if self._heldout_dirty or set(self._item_losses) != set(self.heldout_items):
+            self._item_losses = self._measure(self.heldout_items)
+            self.last_heldout = {d: sum(n) / max(1, sum(t)) for d, (n, t) in self._item_losses.items()}
+            for d, v in self.last_heldout.items():
+                self.best[d] = v if d in self._changed_domains else min(v, self.best.get(d, math.inf))
+            self._heldout_dirty = False
+            self._changed_domains.clear()
+        return self._item_losses
 
     def learn_all(self, interactions: Sequence[Interaction]) -> list[LearnReport]:
         """``interactions`` in windows of the size this worker asks for, as the driver sends them."""
@@ -285,6 +354,8 @@ class LineageWorker:
     def _finish(self, rep: LearnReport, t0: float) -> LearnReport:
         rep.heldout = dict(self.last_heldout)
         rep.forgetting = forgetting(self.last_heldout, self.best)
+        rep.source_forgetting = self.source_forgetting()
+        rep.deferred_waiting = len(self.deferred)
         rep.replay_items = len(self.replay)
         rep.update_seconds = time.perf_counter() - t0
         rep.reduce_due = self.s.reduction_policy().due(self.counters["since_reduction"])
@@ -302,6 +373,7 @@ class LineageWorker:
             self.learner.save(ckpt)
             atomic_write_json(ckpt / "replay.json", self.replay.to_json())
             atomic_write_json(ckpt / "heldout.json", {d: [e.to_json() for e in v] for d, v in self.heldout.items()})
+            atomic_write_json(ckpt / "deferred.json", self.deferred.to_json())
             atomic_write_json(ckpt / "state.json", self.state())
             self.dir.publish_live(ckpt)
         except BaseException:
@@ -319,10 +391,17 @@ class LineageWorker:
             "counters": self.counters,
             "best": self.best,
             "heldout_loss": self.last_heldout,
+            "source_forgetting": self.source_forgetting(),
+            "forgetting_bound": self.s.gate_total_budget,
+            "deferred_waiting": len(self.deferred),
             "phase": self.phase,
             "knobs": vars(self.knobs()),
             "updated_at": now_rfc3339(),
         }
+
+    def source_forgetting(self) -> dict[str, float]:
+        """Per held-out source: how far its loss sits above the best this lineage reached on it."""
+        return {d: max(0.0, v - self.best[d]) for d, v in self.last_heldout.items() if d in self.best}
 
     def status(self) -> dict:
         return {"lineage": self.lineage, "generation": self.generation, "n_params": self.n_params,

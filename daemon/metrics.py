@@ -37,6 +37,16 @@ class Metrics:
                                  ["lineage"], registry=r)
         self.heldout_added = Counter("cascade_interactions_heldout", "Interactions kept out of training as held-out data",
                                      ["lineage"], registry=r)
+        self.fate = Counter("cascade_interactions_fate", "What became of the interactions learners received: "
+                            "learned, heldout, deferred (kept to be tried again), refused (set aside as harmful or "
+                            "unlearnable), replayed (deferred, then moved to the replay store by the queue's "
+                            "bound), duplicate; a deferred interaction counts again when it is learned, refused or "
+                            "replayed", ["lineage", "fate"], registry=r)
+        self.deferred_waiting = Gauge("cascade_interactions_deferred", "Deferred interactions waiting to be tried "
+                                      "again", ["lineage"], registry=r)
+        self.source_forgetting = Gauge("cascade_source_forgetting", "Held-out loss above the best reached, per "
+                                       "source (the gate bounds it by CASCADE_GATE_TOTAL_BUDGET)",
+                                       ["lineage", "domain"], registry=r)
         self.lag = Gauge("cascade_stream_lag", "Entries not yet delivered to the consumer group",
                          ["stream", "group"], registry=r)
         self.pending = Gauge("cascade_stream_pending", "Entries delivered but not yet acknowledged",

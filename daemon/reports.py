@@ -15,7 +15,7 @@ class LearnReport:
     lineage: str
     ack: list[str]  # entry ids now safe to acknowledge
     received: int = 0
-    learned: int = 0
+    learned: int = 0  # interactions learned into the live adapter (new ones and ``redeemed``)
     duplicates: int = 0
     heldout_added: int = 0
     steps: int = 0
@@ -24,8 +24,16 @@ class LearnReport:
     train_loss: float = float("nan")
     heldout: dict[str, float] = field(default_factory=dict)
     forgetting: float = 0.0
-    rollback: str | None = None
+    rollback: str | None = None  # the reason of the window's first refusal (None: kept at the first try)
     rollback_detail: str = ""
+    rollbacks: list[str] = field(default_factory=list)  # the reason of every refused try (retries included)
+    attempts: int = 0  # tries the gate judged (1 + retries under stronger protection)
+    redeemed: int = 0  # of ``learned``: interactions an earlier window deferred
+    deferred: int = 0  # new interactions kept to be tried again (too costly now)
+    refused: list[dict] = field(default_factory=list)  # set aside: id, prompt, response, reward, domain, reason, detail
+    replayed: int = 0  # deferred interactions pushed out of the bounded queue into the replay store
+    deferred_waiting: int = 0  # deferred interactions this lineage keeps to try again
+    source_forgetting: dict[str, float] = field(default_factory=dict)  # per source: held-out loss above its best
     replay_items: int = 0
     update_seconds: float = 0.0
     reduce_due: bool = False

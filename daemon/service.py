@@ -432,8 +432,16 @@ class Daemon:
             m.heldout_loss.labels(lin, d).set(v)
         m.forgetting.labels(lin).set(rep.forgetting)
         m.replay_items.labels(lin).set(rep.replay_items)
-        if rep.rollback:
-            m.rollbacks.labels(lin, rep.rollback).inc()
+        for reason in rep.rollbacks:
+            m.rollbacks.labels(lin, reason).inc()
+        for fate, n in (("learned", rep.learned), ("heldout", rep.heldout_added), ("deferred", rep.deferred),
+                        ("refused", len(rep.refused)), ("replayed", rep.replayed), ("duplicate", rep.duplicates)):
+            m.fate.labels(lin, fate).inc(n)
+        m.deferred_waiting.labels(lin).set(rep.deferred_waiting)
+        for d, gap in rep.source_forgetting.items():
+            m.source_forgetting.labels(lin, d).set(gap)
+        if rep.refused:
+            self._set_aside(lin, rep.refused)
         if rep.phase:
             for name in self.phase_names:
                 m.phase.labels(lin, name).set(1 if name == rep.phase else 0)
@@ -444,6 +452,23 @@ class Daemon:
         self.last_report[lin] = {"learned": rep.learned, "train_loss": rep.train_loss}
         if rep.reduce_due and lin not in self.reduce_requests:
             self.reduce_requests[lin] = "every"
+
+    def _set_aside(self, lineage: str, refused: list[dict]) -> None:
+        """Copy interactions the gate refused to the dead-letter stream, with the reason, where an operator
+        sees them and can publish them again (the ledger already records them as refused)."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for x in refused:
+                pipe.xadd(self.s.dead_stream, {"source_id": "", "reason": x["reason"], "detail": x["detail"],
+                                               "prompt": x["prompt"], "response": x["response"], "lineage": lineage,
+                                               "reward": repr(x["reward"]), "id": x["id"],
+                                               "meta": json.dumps({"domain": x["domain"]})})
+            pipe.execute()
+        except redis.RedisError as e:
+            log.error("lineage %s: copying %d refused interactions to %s failed: %s", lineage, len(refused),
+                      self.s.dead_stream, e)
+        for x in refused:
+            self.metrics.rejected.labels(x["reason"]).inc()
 
     def _on_reduced(self, rep) -> None:
         self.metrics.reductions.labels(rep.lineage, rep.outcome).inc()

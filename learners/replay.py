@@ -86,19 +86,22 @@ class ReplayBuffer:
             largest = max(self._items, key=lambda d: len(self._items[d]))
             self._drop_random(largest)
 
-    def sample(self, n: int) -> list[Example]:
-        """``n`` items (fewer if the store is smaller): a source drawn uniformly, then an item of it."""
-        live = [d for d, v in self._items.items() if v]
+    def sample(self, n: int, prefer: Sequence[str] = ()) -> list[Example]:
+        """``n`` items (fewer if the store is smaller): a source drawn uniformly, then an item of it.
+        With ``prefer``, sources are drawn from those of them the store holds (a retry replays the
+        sources a refused window hurt), falling back to every source when it holds none of them."""
+        live = [d for d, v in self._items.items() if v and d in prefer] or [d for d, v in self._items.items() if v]
         if not live or n <= 0:
             return []
-        n = min(n, len(self))
+        available = sum(len(self._items[d]) for d in live)
+        n = min(n, available)
         taken: set[tuple[str, int]] = set()
         out: list[Example] = []
         while len(out) < n:
             d = self._rng.choice(live)
             i = self._rng.randrange(len(self._items[d]))
             if (d, i) in taken:
-                if len(taken) >= len(self):
+                if len(taken) >= available:
                     break
                 continue
             taken.add((d, i))
@@ -132,3 +135,45 @@ class ReplayBuffer:
         buf._shrink_to_quota()
         buf._enforce_bytes()
         return buf
+
+
+class DeferredQueue:
+    """Interactions a window could not learn within the forgetting bound, kept to be tried again.
+
+    Bounded in items; each item remembers how many windows it was tried in. :meth:`take` hands out
+    the oldest items for the next window; :meth:`put_back` returns those the window did not learn,
+    one try older, and gives back the ones that have used up ``max_tries`` (the caller refuses them)
+    and those pushed out by the bound (the caller keeps them in the replay store). JSON round-trip.
+    """
+
+    def __init__(self, capacity: int, max_tries: int) -> None:
+        self.capacity = capacity
+        self.max_tries = max_tries
+        self._items: list[tuple[Example, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def ids(self) -> list[str]:
+        return [ex.id for ex, _ in self._items]
+
+    def take(self, n: int) -> list[tuple[Example, int]]:
+        taken, self._items = self._items[:n], self._items[n:]
+        return taken
+
+    def put_back(self, items: Sequence[tuple[Example, int]]) -> tuple[list[Example], list[Example]]:
+        """Queue ``items`` (example, tries so far) again after one more try: ``(exhausted, overflow)``."""
+        exhausted = [ex for ex, tries in items if tries + 1 >= self.max_tries]
+        self._items += [(ex, tries + 1) for ex, tries in items if tries + 1 < self.max_tries]
+        overflow = [ex for ex, _ in self._items[: max(0, len(self._items) - self.capacity)]]
+        self._items = self._items[len(overflow):]
+        return exhausted, overflow
+
+    def to_json(self) -> list[dict]:
+        return [{**ex.to_json(), "tries": tries} for ex, tries in self._items]
+
+    @classmethod
+    def from_json(cls, items: list[dict], capacity: int, max_tries: int) -> "DeferredQueue":
+        q = cls(capacity, max_tries)
+        q._items = [(Example.from_json(d), int(d.get("tries", 0))) for d in items][-capacity:] if capacity else []
+        return q

@@ -75,6 +75,22 @@ def example_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _scored_rows(model, tokenizer, examples: Sequence[Example], max_seq_len: int, batch_size: int, bf16: bool):
+    """Per batch of ``examples``: its labels, each row's summed response NLL and its token count."""
+    was_training = model.training
+    device = model_device(model)
+    model.eval()
+    try:
+        for part in chunks(list(examples), batch_size):
+            b = collate(tokenizer, part, max_seq_len, device)
+            with autocast(device, bf16):
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            picked, mask = token_logprobs(logits, b.labels)
+            yield b.labels, -(picked * mask).sum(-1), mask.sum(-1)
+    finally:
+        model.train(was_training)
+
+
 def evaluate_loss(model, tokenizer, examples: Sequence[Example], max_seq_len: int,
                   batch_size: int = 8, bf16: bool = False, per_byte: bool = False) -> float:
     """Mean next-token NLL over the response tokens of ``examples`` (nats/token), or with ``per_byte``
@@ -82,24 +98,25 @@ def evaluate_loss(model, tokenizer, examples: Sequence[Example], max_seq_len: in
     tokenizer changes (a trimmed vocabulary, :mod:`learners.vocab`)."""
     if not examples:
         return float("nan")
-    was_training = model.training
-    device = model_device(model)
-    model.eval()
     total, count = 0.0, 0
-    for part in chunks(list(examples), batch_size):
-        b = collate(tokenizer, part, max_seq_len, device)
-        with autocast(device, bf16):
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        picked, mask = token_logprobs(logits, b.labels)
-        total += float(-(picked * mask).sum())
+    for labels, nll, tokens in _scored_rows(model, tokenizer, examples, max_seq_len, batch_size, bf16):
+        total += float(nll.sum())
         if per_byte:
-            labels = b.labels[:, 1:]
             count += sum(len(tokenizer.decode(row[row != IGNORE].tolist(), skip_special_tokens=True).encode())
-                         for row in labels)
+                         for row in labels[:, 1:])
         else:
-            count += int(mask.sum())
-    model.train(was_training)
+            count += int(tokens.sum())
     return total / max(1, count)
+
+
+def item_losses(model, tokenizer, examples: Sequence[Example], max_seq_len: int, batch_size: int = 8,
+                bf16: bool = False) -> tuple[list[float], list[int]]:
+    """Each example's summed response NLL and its loss-carrying token count (what the gate pairs)."""
+    nll, tokens = [], []
+    for _labels, n, t in _scored_rows(model, tokenizer, examples, max_seq_len, batch_size, bf16):
+        nll += n.tolist()
+        tokens += [int(x) for x in t.tolist()]
+    return nll, tokens
 
 
 def load_causal_lm(path: str | Path) -> torch.nn.Module:

@@ -1,50 +1,123 @@
-"""The held-out gate: keep an update window or roll it back.
+"""The held-out gate: what one update window gains and costs, and whether to keep it.
 
-Losses are mean next-token NLL (nats/token) per held-out source. An update window is rolled back
-when, on any source:
+Numbers in, a decision out. For every held-out source the window is measured on the *same items*
+before and after (:class:`Measured`): each item's summed NLL and token count. The change of a
+source's loss is the paired difference ``delta`` (nats/token), and its ``noise`` the standard error
+of that difference over the source's items: a source's held-out loss moves by chance, so a rise
+counts only beyond ``z * noise`` (and ``min_effect``).
 
-* ``nonfinite``:  its loss is NaN or infinite;
-* ``regression``: its loss rose by more than ``step_budget`` against the last accepted adapter;
-* ``forgetting``: its loss is more than ``total_budget`` above the best this lineage ever reached
-  on it *and* this window made it worse (so a lineage is never stuck: an update that helps or
-  holds every source always passes).
+A window's verdict (:func:`judge_window`):
 
-A source seen for the first time has no reference and cannot fail the gate.
+* ``harmful`` (set aside, never learned): a held-out loss is NaN or infinite; or one source rose
+  by more than ``harm_budget`` in this one window.
+* ``costly`` (retried under stronger protection, then deferred): a source that rose is now more
+  than ``total_budget`` above its reference (the best this lineage reached on it): the bound on
+  *cumulative* forgetting per source (``forgetting``); or the window made even the sources it
+  brought worse (every arriving source the gate can judge rose: ``self_harm``, a step too large for
+  what it learns). ``hurt`` names those sources, so a retry can replay them.
+* ``ok`` (kept): anything else. A window may cost the sources the lineage keeps while it gains on
+  the ones arriving, as long as each kept source stays within its bound: a new topic is not
+  refused for moving an old one a little.
+
+A source without a reference (seen for the first time) can only be harmed, never over its bound.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One source's held-out items, before and after a window: summed NLL and tokens per item."""
+
+    nll_before: tuple[float, ...]
+    nll_after: tuple[float, ...]
+    tokens: tuple[int, ...]
+
+    @property
+    def before(self) -> float:
+        return sum(self.nll_before) / max(1, sum(self.tokens))
+
+    @property
+    def after(self) -> float:
+        return sum(self.nll_after) / max(1, sum(self.tokens))
+
+    @property
+    def delta(self) -> float:
+        """Change of the loss (nats/token): positive is worse."""
+        return self.after - self.before
+
+    @property
+    def noise(self) -> float:
+        """Standard error of ``delta`` over items (the ratio estimator's, paired): 0 for one item."""
+        k, n = len(self.tokens), sum(self.tokens)
+        if k < 2 or n == 0:
+            return 0.0
+        d = self.delta
+        resid = sum((a - b - d * t) ** 2 for a, b, t in zip(self.nll_after, self.nll_before, self.tokens))
+        return math.sqrt(resid * k / (k - 1)) / n
 
 
 @dataclass(frozen=True)
 class GateDecision:
     accept: bool
-    reason: str  # "ok", "no_heldout", "nonfinite", "regression" or "forgetting"
+    verdict: str  # "ok", "no_heldout", "costly" or "harmful"
+    reason: str  # "ok", "no_heldout", "nonfinite", "harm", "self_harm" or "forgetting"
     detail: str = ""
+    hurt: tuple[str, ...] = ()  # sources over their bound (costly) or harmed (harmful)
+    deltas: dict[str, float] = field(default_factory=dict)
 
 
-def judge_update(before: dict[str, float], after: dict[str, float], best: dict[str, float],
-                 step_budget: float = 0.05, total_budget: float = 0.15) -> GateDecision:
-    if not after:
-        return GateDecision(True, "no_heldout")
-    for d, loss in after.items():
-        if not math.isfinite(loss):
-            return GateDecision(False, "nonfinite", f"held-out loss on {d!r} is {loss}")
-    for d, loss in after.items():
-        prev = before.get(d)
-        if prev is not None and loss - prev > step_budget:
-            return GateDecision(False, "regression",
-                                f"held-out loss on {d!r} rose {loss - prev:.4f} > {step_budget}")
-    for d, loss in after.items():
-        prev, floor = before.get(d), best.get(d)
-        if floor is not None and prev is not None and loss > floor + total_budget and loss > prev:
-            return GateDecision(False, "forgetting",
-                                f"held-out loss on {d!r} is {loss - floor:.4f} above its best")
-    return GateDecision(True, "ok")
+def judge_window(measured: dict[str, Measured], arriving: set[str], reference: dict[str, float], *,
+                 total_budget: float = 0.15, harm_budget: float = 0.25, z: float = 2.0,
+                 min_effect: float = 0.005) -> GateDecision:
+    if not measured:
+        return GateDecision(True, "no_heldout", "no_heldout")
+    deltas = {d: m.delta for d, m in measured.items()}
+    for d, m in measured.items():
+        if not (math.isfinite(m.after) and math.isfinite(m.before)):
+            return GateDecision(False, "harmful", "nonfinite", f"held-out loss on {d!r} is {m.after}", (d,), deltas)
+
+    def significant(d: str) -> float:
+        return max(z * measured[d].noise, min_effect)
+
+    rose = [d for d in measured if deltas[d] > significant(d)]
+    worst = max(rose, key=lambda d: deltas[d], default=None)
+    if worst is not None and deltas[worst] > harm_budget:
+        return GateDecision(False, "harmful", "harm", f"held-out loss on {worst!r} rose {deltas[worst]:.4f} in one "
+                            f"window (> {harm_budget}, noise {measured[worst].noise:.4f})", (worst,), deltas)
+    over = [d for d in rose if d in reference and measured[d].after - reference[d] > total_budget]
+    if over:
+        detail = "; ".join(f"{d!r} {measured[d].after - reference[d]:.4f} above its best (bound {total_budget}, "
+                           f"this window {deltas[d]:+.4f} +- {measured[d].noise:.4f})" for d in over)
+        return GateDecision(False, "costly", "forgetting", detail, tuple(sorted(over)), deltas)
+    judged_arriving = arriving & set(measured)
+    if judged_arriving and judged_arriving <= set(rose):
+        return GateDecision(False, "costly", "self_harm",
+                            f"the window raised the held-out loss of its own source(s) "
+                            f"{', '.join(map(repr, sorted(judged_arriving)))}", tuple(sorted(rose)), deltas)
+    return GateDecision(True, "ok", "ok", deltas=deltas)
 
 
 def forgetting(current: dict[str, float], best: dict[str, float]) -> float:
     """Mean over sources of how far the current held-out loss sits above the best reached (>= 0)."""
     gaps = [max(0.0, current[d] - best[d]) for d in current if d in best and math.isfinite(current[d])]
     return sum(gaps) / len(gaps) if gaps else 0.0
+
+
+@dataclass(frozen=True)
+class Protection:
+    """How a refused window is learned again: a lower rate, a stronger distillation term, and the
+    replayed rows drawn from the sources it hurt. Level 0 is the window as configured."""
+
+    level: int = 0
+    lr_factor: float = 1.0
+    distill_factor: float = 1.0
+    prefer: tuple[str, ...] = ()
+
+
+def stronger(p: Protection, hurt: tuple[str, ...], lr_step: float = 0.5, distill_step: float = 2.0) -> Protection:
+    """The next level of protection after a refusal that hurt ``hurt``."""
+    return Protection(p.level + 1, p.lr_factor * lr_step, p.distill_factor * distill_step,
+                      tuple(sorted(set(p.prefer) | set(hurt))))

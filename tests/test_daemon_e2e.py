@@ -70,7 +70,7 @@ def test_learn_reduce_and_observe(tmp_path, tiny_model, redis_url, daemon_factor
     before, after = live_and_base_loss(home, examples)
     assert after < before - 0.3, (before, after)
     heldout = sum(len(v) for v in json.loads((home / "registry/main/live/heldout.json").read_text()).values())
-    assert state["interactions_learned"] + heldout == 80
+    assert state["interactions_learned"] + heldout + state["deferred_waiting"] == 80
 
     m = d.metrics()
     assert metric_value(m, "cascade_interactions_received_total", lineage="main") == 80
@@ -78,6 +78,12 @@ def test_learn_reduce_and_observe(tmp_path, tiny_model, redis_url, daemon_factor
     assert metric_value(m, "cascade_interactions_rejected_total") == 7
     assert metric_value(m, "cascade_interactions_rejected_total", reason="oversized") == 1
     assert metric_value(m, "cascade_update_steps_total", lineage="main") == state["update_steps"] > 0
+    # Every interaction has one fate: learned, held out, waiting (deferred), set aside, replayed or duplicate.
+    fate = {f: metric_value(m, "cascade_interactions_fate_total", 0.0, lineage="main", fate=f)
+            for f in ("learned", "heldout", "deferred", "refused", "replayed", "duplicate")}
+    waiting = metric_value(m, "cascade_interactions_deferred", lineage="main")
+    assert fate["learned"] == state["interactions_learned"] and fate["heldout"] == heldout
+    assert fate["learned"] + fate["heldout"] + waiting + fate["refused"] + fate["replayed"] + fate["duplicate"] == 80
     assert metric_value(m, "cascade_ingest_to_learn_seconds_count") >= 80
     assert metric_value(m, "cascade_model_parameters", lineage="main") > 0
     for name in ("cascade_stream_lag", "cascade_stream_pending", "cascade_train_loss", "cascade_replay_items",

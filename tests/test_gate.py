@@ -1,0 +1,162 @@
+"""The held-out gate that trades: noise-aware per-source changes, a cumulative bound, retries under
+stronger protection, deferral, and harmful content set aside."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from daemon.foundation import ensure_foundation
+from daemon.lineage import LineageWorker
+from daemon.registry import Registry
+from daemon.schema import Interaction
+from learners.update import item_losses
+from policies.gate import Measured, Protection, judge_window, stronger
+from tests.test_registry import items, poison, settings
+
+
+def measured(before: float, after: float, n: int = 16, jitter: float = 0.02, seed: int = 0) -> Measured:
+    """``n`` items of 10 tokens whose mean loss moves from ``before`` to ``after``, each with its own noise."""
+    rng = random.Random(seed)
+    level = [rng.gauss(0, 0.3) for _ in range(n)]
+    move = [rng.gauss(0, jitter) for _ in range(n)]
+    b = [10 * (before + x - sum(level) / n) for x in level]  # items differ; the mean is ``before``
+    a = [y + 10 * (after - before + m - sum(move) / n) for y, m in zip(b, move)]
+    return Measured(tuple(b), tuple(a), (10,) * n)
+
+
+# -- the policy: numbers in, a decision out -------------------------------------------------------------
+def test_noise_alone_is_accepted():
+    same = measured(2.0, 2.0, jitter=0.0)
+    assert same.delta == 0 and same.noise == 0
+    assert judge_window({"old": same, "new": same}, {"new"}, {"old": 1.9, "new": 2.0}).accept
+    # Re-measured with item-level noise of its own, the mean may move a little: within noise, not a change.
+    wobble = measured(2.0, 2.0 + 0.01, jitter=0.05)  # +- 0.0125
+    assert wobble.delta > 0 and judge_window({"old": wobble}, set(), {"old": 1.86}, total_budget=0.1).accept
+
+
+def test_a_window_may_cost_an_old_source_within_its_bound_while_the_new_one_gains():
+    # 0.09 nats on the old source in one window: the old fixed step budget (0.05) refused this.
+    d = judge_window({"old": measured(2.0, 2.09), "new": measured(3.0, 2.8)}, {"new"}, {"old": 2.0, "new": 3.0},
+                     total_budget=0.15)
+    assert d.accept and d.verdict == "ok" and d.deltas["old"] == pytest.approx(0.09, abs=0.01)
+
+
+def test_a_source_over_its_cumulative_bound_makes_the_window_costly():
+    d = judge_window({"old": measured(2.1, 2.2), "new": measured(3.0, 2.8)}, {"new"}, {"old": 2.0},
+                     total_budget=0.15)
+    assert not d.accept and d.verdict == "costly" and d.reason == "forgetting" and d.hurt == ("old",)
+
+
+def test_a_large_rise_in_one_window_is_harmful():
+    d = judge_window({"old": measured(2.0, 2.6), "new": measured(3.0, 1.0)}, {"new"}, {"old": 2.0},
+                     total_budget=5.0, harm_budget=0.25)
+    assert not d.accept and d.verdict == "harmful" and d.reason == "harm"
+
+
+def test_a_window_that_makes_its_own_source_worse_is_tried_again_more_carefully():
+    d = judge_window({"new": measured(3.0, 3.1)}, {"new"}, {}, harm_budget=1.0)
+    assert d.verdict == "costly" and d.reason == "self_harm" and d.hurt == ("new",)
+
+
+def test_a_nonfinite_loss_is_harmful():
+    bad = Measured((1.0, 1.0), (float("nan"), 1.0), (1, 1))
+    assert judge_window({"x": bad}, set(), {}).reason == "nonfinite"
+
+
+def test_a_rise_within_the_noise_of_few_noisy_items_is_not_a_change():
+    noisy = measured(2.0, 2.3, n=3, jitter=1.0, seed=3)
+    assert noisy.delta == pytest.approx(0.3) and noisy.noise * 2 > noisy.delta
+    assert judge_window({"old": noisy}, set(), {"old": 2.0}, total_budget=0.15, harm_budget=0.2).accept
+
+
+def test_protection_grows_with_each_refusal():
+    p = stronger(stronger(Protection(), ("a",)), ("b",))
+    assert (p.level, p.lr_factor, p.distill_factor, p.prefer) == (2, 0.25, 4.0, ("a", "b"))
+
+
+# -- the worker: retries, deferral, refusal, fates ----------------------------------------------------------
+def other(n: int, start: int = 500, domain: str = "e") -> list[Interaction]:
+    return [Interaction(entry_id=f"{start + i}-0", id=f"{domain}{i}", prompt=f"Note {i}:",
+                        response=f" the quick brown fox {i % 5} jumps.", meta={"domain": domain})
+            for i in range(n)]
+
+
+def worker(tmp_path, tiny_model, **kw) -> LineageWorker:
+    s = settings(tmp_path, tiny_model, **kw)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    return LineageWorker(s, "main")
+
+
+def fates_add_up(w: LineageWorker, reps) -> None:
+    received = sum(r.received for r in reps)
+    settled = sum(r.duplicates + r.heldout_added + r.learned - r.redeemed + r.deferred for r in reps)
+    refused_new = sum(sum(1 for x in r.refused if x["reason"] == "harmful") for r in reps)
+    assert received == settled + refused_new
+
+
+def test_a_costly_window_is_retried_under_stronger_protection_and_ends_learned(tmp_path, tiny_model):
+    # The old source may barely move (0.01 nats): the first try at this rate moves it far more; each retry
+    # halves the rate, doubles distillation and replays the old source, until the window fits.
+    w = worker(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.3, gate_total_budget=0.01,
+               gate_step_budget=50, gate_retries=8, gate_min_items=4, heldout_per_domain=64)
+    first = w.learn(items(60))
+    assert first.learned > 0 and len(w.heldout["d"]) >= 4
+    new = [i for i in other(16) if not w._is_heldout(i.example())]
+    rep = w.learn(new)
+    assert rep.attempts > 1 and rep.rollbacks and set(rep.rollbacks) == {"forgetting"}
+    assert rep.rollback == "forgetting" and rep.learned == len(new) and rep.deferred == 0
+    assert w.ledger.count("learned") == first.learned + len(new)
+    assert w.counters["rollbacks"] == len(rep.rollbacks)
+    fates_add_up(w, [first, rep])
+
+
+def test_a_deferred_interaction_is_kept_and_learned_once_it_fits(tmp_path, tiny_model):
+    kw = dict(learning_rate=0.05, heldout_fraction=0.3, gate_step_budget=50, gate_retries=0, gate_min_items=4,
+              heldout_per_domain=64, gate_noise_z=0)
+    w = worker(tmp_path, tiny_model, gate_total_budget=0.001, **kw)
+    first = w.learn(items(60))
+    ref = {n: p.detach().clone() for n, p in w.learner.params.items()}
+    new = [i for i in other(24) if not w._is_heldout(i.example())]
+    rep = w.learn(new)
+    assert rep.rollback == "forgetting" and rep.learned == 0 and rep.deferred == len(new)
+    assert all(torch.equal(ref[n], p) for n, p in w.learner.params.items())
+    assert w.ledger.count("deferred") == len(new) and len(w.deferred) == len(new)
+    fates_add_up(w, [first, rep])
+    # Acknowledged and durable: a restart finds them waiting; a redelivery is a duplicate.
+    w.close()
+    kw.update(gate_noise_z=2.0, learning_rate=0.01)
+    w = LineageWorker(settings(tmp_path, tiny_model, gate_total_budget=5.0, **kw), "main")
+    assert w.deferred.ids() == [i.id for i in new]
+    assert w.learn(new).duplicates == len(new)
+    # Once there is room (a looser bound here), the next window learns them beside its new rows.
+    later = w.learn(items(8, start=200))
+    assert later.redeemed == min(len(new), w.new_per_step()) and later.rollback is None
+    assert w.ledger.count("learned") == first.learned + later.learned
+    assert len(w.deferred) == len(new) - later.redeemed
+
+
+def test_a_poisoned_burst_is_refused_as_harmful_and_set_aside(tmp_path, tiny_model):
+    w = worker(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01,
+               constraints="none")  # the gate alone must catch it
+    first = w.learn(items(120))
+    ref = {n: p.detach().clone() for n, p in w.learner.params.items()}
+    rep = w.learn(poison())
+    assert rep.rollback == "harm" and rep.learned == 0 and rep.deferred == 0
+    assert all(torch.equal(ref[n], p) for n, p in w.learner.params.items())
+    n_train = rep.received - rep.heldout_added
+    assert len(rep.refused) == n_train and {x["reason"] for x in rep.refused} == {"harmful"}
+    assert w.ledger.count("refused") == n_train and w.counters["refused"] == n_train
+    assert all(x["response"].startswith("@@@@") for x in rep.refused)
+    fates_add_up(w, [first, rep])
+
+
+def test_the_same_adapter_measured_twice_passes_the_gate(tmp_path, tiny_model):
+    w = worker(tmp_path, tiny_model, heldout_fraction=0.5)
+    w.learn(items(40))
+    sets = w.heldout_items
+    a = {d: item_losses(w.learner.model, w.tokenizer, v, 32) for d, v in sets.items()}
+    b = {d: item_losses(w.learner.model, w.tokenizer, v, 32) for d, v in sets.items()}
+    m = {d: Measured(tuple(a[d][0]), tuple(b[d][0]), tuple(b[d][1])) for d in sets}
+    assert judge_window(m, set(sets), w.best, total_budget=1e-6).accept
