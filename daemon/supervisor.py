@@ -21,6 +21,7 @@ is tried again with back-off, one log line per try, until a deadline, then :clas
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ log = logging.getLogger("cascade.supervisor")
 T = TypeVar("T")
 PING_EVERY_S = 5.0
 RESTARTING_PING_S = 1.0
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class StartupError(RuntimeError):
@@ -186,7 +188,8 @@ class Supervisor:
         part.incarnation = None
         part.next_ping = 0.0
         self._count_restart(part, "created again")
-        self._set(part, False, "starting")
+        self._set(part, False, f"created again after: {part.reason}" if not part.reason.startswith("created")
+                  else part.reason)
 
     def _count_restart(self, part: Part, how: str) -> None:
         part.restarts += 1
@@ -231,8 +234,11 @@ def wait_for(what: str, attempt: Callable[[], T], transient: tuple[type[BaseExce
 
 
 def one_line(e: BaseException) -> str:
-    """An error in one line: a traceback's last line (what a Ray task raised), else the first."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    """An error in one line: its first line and, for a traceback (what a Ray task raised), its last."""
+    lines = [ANSI_RE.sub("", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
     if not lines:
         return type(e).__name__
-    return (lines[-1] if any(line.startswith("Traceback") for line in lines) else lines[0])[:300]
+    if len(lines) == 1:
+        return lines[0][:300]
+    return f"{lines[0][:150]} ... {lines[-1][:150]}"
