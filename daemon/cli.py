@@ -230,13 +230,12 @@ def status_lines(doc: dict) -> list[str]:
     lines = [f"stream {doc['stream']} (group {doc['group']}): length {doc['length']}  lag {doc['lag']}  "
              f"pending {doc['pending']}  dead letters {doc['dead_letters']}  "
              f"daemon {'running' if doc['daemon_running'] else 'stopped'}",
-             *health_lines(doc),
              f"{'lineage':<16}{'generation':<12}{'parameters':>14}{'steps':>9}{'learned':>10}  held-out loss"]
     for r in doc["lineages"]:
         ho = " ".join(f"{k}={v:.3f}" for k, v in r["heldout_loss"].items()) or "-"
         lines.append(f"{r['lineage']:<16}{r['generation']:<12}{r['n_params']:>14,}{r['update_steps']:>9}"
                      f"{r['interactions_learned']:>10}  {ho}")
-    return lines
+    return lines + health_lines(doc)
 
 
 def watch_status(settings: Settings, registry: Registry, r, interval: float, count: int | None,
