@@ -89,7 +89,7 @@ class Metrics:
 
     def add_lineage(self, lineage: str) -> None:
         """Start the per-lineage series whose labels are known in advance at 0."""
-        for c in (self.received, self.learned, self.duplicate, self.steps):
+        for c in (self.received, self.learned, self.duplicate):
             c.labels(lineage)
         for outcome in REDUCTION_OUTCOMES:
             self.reductions.labels(lineage, outcome)
