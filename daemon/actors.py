@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import ray
@@ -39,6 +40,19 @@ class PollResult:
     read: int = 0
 
 
+@dataclass(frozen=True)
+class ActorInfo:
+    """What ``ready()`` answers: a fresh ``incarnation`` for every constructor run, so the driver's
+    supervisor sees a restart Ray made by itself (a killed process) as well as one it made."""
+    incarnation: str
+    pid: int
+    node: str
+
+
+def actor_info() -> ActorInfo:
+    return ActorInfo(uuid.uuid4().hex, os.getpid(), socket.gethostname())
+
+
 def interaction_fields(it: Interaction) -> dict[str, str]:
     """The stream fields an interaction came from (for dead-lettering after validation)."""
     out = {"prompt": it.prompt, "response": it.response, "lineage": it.lineage, "reward": repr(it.reward),
@@ -48,26 +62,35 @@ def interaction_fields(it: Interaction) -> dict[str, str]:
     return out
 
 
-# Restarted by Ray when its node dies (it declares no CPU, so on a cluster it may sit on any worker): its
-# state is the Redis connection and the ids handed to the driver; entries re-read after a restart are
-# still pending under the same consumer and end up as duplicates at worst.
+# Restarted by Ray when its process or node dies (it declares no CPU, so on a cluster it may sit on any
+# worker), and recreated by the driver's supervisor if it dies for good: its state is the Redis connection
+# and the ids handed to the driver; entries re-read after a restart are still pending under the same
+# consumer and end up as duplicates at worst. Its constructor never touches Redis (the connection is
+# made by the first call), so Redis being down while it is created cannot kill it.
 @ray.remote(num_cpus=0, max_concurrency=4, max_restarts=-1)
 class IngestActor:
     def __init__(self, settings: Settings, redis_url: str, consumer: str) -> None:
         self.s = settings
+        self.info_ = actor_info()
         self.r = connect(redis_url)
         self.consumer = StreamConsumer(self.r, settings.stream, settings.group, consumer, settings.claim_idle_ms)
         self.control = StreamConsumer(self.r, settings.control_stream, settings.group, consumer, settings.claim_idle_ms)
-        self.consumer.ensure_group()
-        self.control.ensure_group()
+        self._grouped = False  # the consumer groups exist (made by the first poll that reaches Redis)
         self._inflight: set[str] = set()
         self._lock = threading.Lock()
         # Everything loaded so far lives as long as the process: out of the collector's sight, a
         # poll's thousands of short-lived objects no longer make it rescan Ray's own (bench/throughput.py).
         gc.freeze()
 
+    def ready(self) -> ActorInfo:
+        return self.info_
+
     def poll(self, max_items: int) -> PollResult:
         res = PollResult()
+        if not self._grouped:
+            self.consumer.ensure_group()
+            self.control.ensure_group()
+            self._grouped = True
         # Never blocks: Redis serves BLOCK timeouts on its 100 ms clock (hz 10), so even a 1 ms block
         # on the idle control stream cost every poll 100 ms (bench/throughput.py, ingest).
         for eid, fields in self.control.read(16, None):
@@ -113,10 +136,14 @@ class IngestActor:
         return self.consumer.info()
 
 
-@ray.remote
+# ``ready`` runs in a concurrency group of its own, so the supervisor's health check is answered while
+# a learn window or a reduction runs (those still run one at a time, in the default group).
+@ray.remote(concurrency_groups={"health": 1})
 class LearnerActor:
     def __init__(self, settings: Settings, lineage: str, threads: int) -> None:
         import torch
+
+        self.info_ = actor_info()
 
         torch.set_num_threads(max(1, threads))
         from daemon.lineage import LineageWorker
@@ -124,6 +151,10 @@ class LearnerActor:
         self.worker = LineageWorker(settings, lineage)
         self.node = socket.gethostname()
         self.pid = os.getpid()
+
+    @ray.method(concurrency_group="health")
+    def ready(self) -> ActorInfo:
+        return self.info_
 
     def learn(self, interactions: list[Interaction]):
         return self.worker.learn(interactions)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from daemon.config import Settings, SettingsError, load_settings
 from daemon.registry import Registry, RegistryError
+from daemon.supervisor import StartupError
 
 log = logging.getLogger("cascade.cli")
 MAX_JSONL_LINE = 1 << 20
@@ -184,14 +185,54 @@ def cmd_publish(args, settings: Settings) -> int:
     return 0
 
 
+def daemon_health(settings: Settings) -> dict | None:
+    """The running daemon's ``/healthz`` document (its parts, which are down and since when), or None
+    when nothing answers on CASCADE_METRICS_HOST/PORT."""
+    import urllib.error
+    import urllib.request
+
+    host = "127.0.0.1" if settings.metrics_host in ("0.0.0.0", "::", "") else settings.metrics_host
+    url = f"http://{host}:{settings.metrics_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return json.loads(resp.read(1 << 20))
+    except urllib.error.HTTPError as e:  # 503: degraded, with the same document
+        try:
+            return json.loads(e.read(1 << 20))
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
+def health_lines(doc: dict) -> list[str]:
+    """One line per part that is down (since when, for how long, why), or one saying all are up."""
+    if not doc.get("daemon_running"):
+        return []
+    health = doc.get("health")
+    if health is None:
+        return ["daemon parts: the daemon does not answer on its /healthz (starting, or CASCADE_METRICS_PORT differs)"]
+    down = health.get("down") or {}
+    if not down:
+        return [f"daemon {health.get('status', '?')}: all parts up ({', '.join(health.get('parts') or [])})"]
+    lines = [f"daemon {health.get('status', '?')}: {len(down)} part(s) down"]
+    for name, p in down.items():
+        lines.append(f"  {name} down since {p['since']} ({p['for_s']:.0f} s): {p['reason'] or '-'}"
+                     f"  [restarts {p['restarts']}]")
+    return lines
+
+
 def status_doc(settings: Settings, registry: Registry, r) -> dict:
-    """What ``cascade status`` shows: the consumer group's progress and every lineage's state on disk."""
+    """What ``cascade status`` shows: the consumer group's progress, every lineage's state on disk and,
+    while the daemon runs, the health of its parts."""
     from daemon.stream import group_info
 
+    running = daemon_running(settings)
+    health = daemon_health(settings) if running else None
     info = group_info(r, settings.stream, settings.group)
     return {"stream": settings.stream, "group": settings.group, "length": info.length, "lag": info.lag,
             "pending": info.pending, "dead_letters": r.xlen(settings.dead_stream),
-            "daemon_running": daemon_running(settings), "lineages": lineage_rows(registry)}
+            "daemon_running": running, "health": health, "lineages": lineage_rows(registry)}
 
 
 def status_lines(doc: dict) -> list[str]:
@@ -210,7 +251,7 @@ def status_lines(doc: dict) -> list[str]:
         gaps = " ".join(f"{k}=+{v:.3f}" for k, v in r["source_forgetting"].items()) or "-"
         lines.append(f"{'':<16}fates: {shares.replace('deferred_waiting', 'deferred')} (rollbacks {f['rollbacks']})"
                      f"  forgetting per source {gaps}" + (f" (bound {bound:g})" if bound is not None else ""))
-    return lines
+    return lines + health_lines(doc)
 
 
 def watch_status(settings: Settings, registry: Registry, r, interval: float, count: int | None,
@@ -250,6 +291,8 @@ def watch_status(settings: Settings, registry: Registry, r, interval: float, cou
 
 
 def cmd_status(args, settings: Settings) -> int:
+    import redis
+
     if not args.watch and (args.interval is not None or args.count is not None):
         raise CliError("--interval and --count only apply with --watch")
     registry = Registry(settings.registry_root)
@@ -261,7 +304,14 @@ def cmd_status(args, settings: Settings) -> int:
             except KeyboardInterrupt:  # the usual way to leave a live view
                 pass
             return 0
-        doc = status_doc(settings, registry, h.r)
+        try:
+            doc = status_doc(settings, registry, h.r)
+        except redis.ConnectionError as e:  # Redis down: still say what the daemon reports of its parts
+            running = daemon_running(settings)
+            doc = {"error": f"cannot reach Redis: {e}", "daemon_running": running,
+                   "health": daemon_health(settings) if running else None}
+            print(json.dumps(doc, indent=1) if args.json else "\n".join(health_lines(doc)))
+            raise CliError(doc["error"]) from None
     finally:
         h.close()
     print(json.dumps(doc, indent=1) if args.json else "\n".join(status_lines(doc)))
@@ -482,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         setup_logging(settings, logging.INFO if args.cmd in ("run", "demo") else logging.WARNING)
         return args.fn(args, settings)
-    except (SettingsError, CliError, RegistryError) as e:
+    except (SettingsError, CliError, RegistryError, StartupError) as e:
         print(f"cascade: {e}", file=sys.stderr)
         return 2 if isinstance(e, SettingsError) else 1
     except KeyboardInterrupt:

@@ -177,6 +177,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or one JSON object each",
                                                 json_schema_extra=ESSENTIAL)
 
+    # -- supervision -----------------------------------------------------------------------------
+    startup_timeout: float = Field(120.0, ge=0, le=86_400, description="seconds start-up waits for Redis (and a "
+                                   "configured Ray cluster) to answer, trying again with back-off; past it the "
+                                   "daemon exits 1 for its supervisor (systemd Restart=on-failure)",
+                                   json_schema_extra={"group": "tuning"})
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,

@@ -43,6 +43,10 @@ class EmbeddedRedis:
         except redis.RedisError:
             return False
 
+    def exited(self) -> bool:
+        """The server this object started is no longer running (the daemon starts it again)."""
+        return self.proc is not None and self.proc.poll() is not None
+
     def start(self) -> "EmbeddedRedis":
         if self._alive():
             return self

@@ -14,8 +14,16 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from daemon.schema import REASONS
+from policies.gate import FATES, REFUSAL_REASONS, SET_ASIDE_REASONS
+
 disable_created_metrics()
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# Label values known in advance: their series start at 0, so dashboards and rate() work before the first event.
+REJECTION_REASONS = tuple(sorted(REASONS | {"learn_failed", "unknown_lineage"} | set(SET_ASIDE_REASONS)))
+REDUCTION_OUTCOMES = ("promoted", "rejected", "failed")
+ROLLBACK_REASONS = REFUSAL_REASONS  # policies/gate.py judge_window
+ACTOR_KINDS = ("ingest", "learner")
 
 
 class Metrics:
@@ -81,6 +89,26 @@ class Metrics:
                                       ["lineage", "knob", "direction"], registry=r)
         self.up = Gauge("cascade_redis_up", "1 when the last Redis call succeeded", registry=r)
         self.paused = Gauge("cascade_paused", "1 while learning is paused by a control command", registry=r)
+        self.actor_restarts = Counter("cascade_actor_restarts", "Actors restarted (by Ray) or created again (by the "
+                                      "daemon's supervisor) after they died, by kind", ["kind"], registry=r)
+        self.part_up = Gauge("cascade_part_up", "1 while a part the daemon depends on is up (redis, ingest, "
+                             "learner:<lineage>); see /healthz for since when and why", ["part"], registry=r)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
+        for kind in ACTOR_KINDS:
+            self.actor_restarts.labels(kind)
+
+    def add_lineage(self, lineage: str) -> None:
+        """Start the per-lineage series whose labels are known in advance at 0."""
+        for c in (self.received, self.learned, self.duplicate):
+            c.labels(lineage)
+        for outcome in REDUCTION_OUTCOMES:
+            self.reductions.labels(lineage, outcome)
+        for reason in ROLLBACK_REASONS:
+            self.rollbacks.labels(lineage, reason)
+        for fate in FATES:
+            self.fate.labels(lineage, fate)
+        self.deferred_waiting.labels(lineage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,10 @@ The driver loop is the only place that knows about every lineage. It keeps one p
 ingest actor in flight, a bounded buffer of validated interactions per lineage, and at most one
 call (a learn window or a reduction) in flight per learner. It acknowledges entries only when a
 learner's report says they are durable, and it publishes promoted generations.
+
+Start-up waits for Redis (and a configured Ray cluster) for up to CASCADE_STARTUP_TIMEOUT seconds.
+The actors are rows in a :class:`daemon.supervisor.Supervisor`, which recreates any that dies for
+good; a call that fails because its actor died is put back, never counted against the work.
 """
 from __future__ import annotations
 
@@ -29,13 +33,10 @@ from daemon.metrics import Metrics, MetricsServer
 from daemon.registry import GEN_RE, LINEAGE_RE, Registry, check_lineage
 from daemon.schema import Interaction
 from daemon.stream import connect, redact_url
+from daemon.supervisor import Supervisor, one_line, wait_for
 
 log = logging.getLogger("cascade.daemon")
 MAX_LEARN_ATTEMPTS = 3
-# Pauses between tries to join the cluster at CASCADE_RAY_ADDRESS when it refuses or does not answer (each
-# try itself waits up to ~30 s for Ray Client): a cluster that is still starting, or a Ray Client server
-# whose per-client process failed to start, gets four tries before the daemon gives up and exits 1.
-JOIN_CLUSTER_PAUSES_S = (2, 5, 10)
 
 
 def package_version() -> str:
@@ -70,8 +71,8 @@ class Daemon:
         self._stop = threading.Event()
         self._ray_started = False
         self.server: MetricsServer | None = None
-        self.ingest = None
-        self.learners: dict[str, object] = {}
+        self.sup = Supervisor(self.metrics)
+        self.holding: set[str] = set()  # entry ids read and not yet acknowledged or dead-lettered
         self.buffers: dict[str, collections.deque[Interaction]] = collections.defaultdict(collections.deque)
         self.jobs: dict[object, Job] = {}
         self.reduce_requests: dict[str, str] = {}
@@ -96,12 +97,9 @@ class Daemon:
             self.redis_url = self.embedded.url
             log.info("embedded Redis on %s", self.embedded.socket)
         self.redis = connect(self.redis_url)
-        try:
-            self.redis.ping()
-        except redis.AuthenticationError as e:
-            raise redis.AuthenticationError(f"Redis at {redact_url(self.redis_url)} refused the credentials in "
-                                            f"CASCADE_REDIS_URL ({e})") from None
-        self.redis_ok = True
+        self.deadline = time.monotonic() + s.startup_timeout
+        self._wait_for_redis()
+        self._set_redis(True)
         ensure_foundation(self.registry.lineage("main"), s.base_model)
         self._start_ray()
         if handle_signals:  # after ray.init, which installs handlers of its own; before /healthz answers
@@ -111,26 +109,32 @@ class Daemon:
         from daemon.actors import IngestActor
 
         consumer = f"cascade-{socket.gethostname()}"
-        self.ingest = IngestActor.remote(s, self.redis_url, consumer)
+        self.sup.add("ingest", "ingest", lambda: IngestActor.remote(s, self.redis_url, consumer))
         for lineage in self.registry.lineages():
             self._learner(lineage)
         gc.freeze()  # what start loaded lives as long as the daemon: the collector need not rescan it
         return self
 
+    def _wait_for_redis(self) -> None:
+        """Redis down (or still loading its data) is waited out; wrong credentials are not."""
+        def ping() -> None:
+            try:
+                self.redis.ping()
+            except redis.AuthenticationError as e:
+                raise redis.AuthenticationError(f"Redis at {redact_url(self.redis_url)} refused the credentials "
+                                                f"in CASCADE_REDIS_URL ({e})") from None
+
+        transient = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+        wait_for(f"reach Redis at {redact_url(self.redis_url)}", ping, transient, self.deadline, self.s.startup_timeout)
+
     def _join_cluster(self, runtime_env: dict) -> None:
+        """A cluster that is still starting, or a Ray Client server whose per-client process failed to
+        start, is tried again (each try itself waits up to ~30 s for Ray Client) until the start-up deadline."""
         import ray
 
-        for pause in (*JOIN_CLUSTER_PAUSES_S, None):
-            try:
-                ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
-                return
-            except ConnectionError as e:
-                if pause is None:
-                    raise
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                log.warning("could not join the Ray cluster at %s (%s); trying again in %d s",
-                            self.s.ray_address, reason, pause)
-                time.sleep(pause)
+        wait_for(f"join the Ray cluster at {self.s.ray_address}",
+                 lambda: ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING),
+                 (ConnectionError,), self.deadline, self.s.startup_timeout)
 
     def _start_ray(self) -> None:
         if not self.s.ray_address:
@@ -169,9 +173,19 @@ class Daemon:
         if os.environ["RAY_AUTH_MODE"] == "token" and not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ)):
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
+    @property
+    def ingest(self):
+        return self.sup.handle("ingest")
+
+    @property
+    def learners(self) -> dict[str, object]:
+        """Lineage -> its learner actor (the supervisor's current handle)."""
+        return {name.partition(":")[2]: p.handle for name, p in self.sup.of_kind("learner").items()}
+
     def _learner(self, lineage: str):
-        if lineage in self.learners:
-            return self.learners[lineage]
+        name = f"learner:{lineage}"
+        if name in self.sup.parts:
+            return self.sup.handle(name)
         import ray
 
         from daemon.actors import LearnerActor
@@ -179,11 +193,12 @@ class Daemon:
         cpus = self.s.learner_cpus
         threads = max(1, int(cpus)) if cpus else max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
         gpus = self.s.learner_gpus if self._wants_gpu() else 0
-        actor = LearnerActor.options(num_cpus=cpus, num_gpus=gpus, name=f"cascade-learner-{lineage}",
-                                     max_restarts=-1, max_task_retries=0).remote(self.s, lineage, threads)
-        self.learners[lineage] = actor
+        make = lambda: LearnerActor.options(num_cpus=cpus, num_gpus=gpus, name=f"cascade-learner-{lineage}",  # noqa: E731
+                                            max_restarts=-1, max_task_retries=0).remote(self.s, lineage, threads)
+        self.metrics.add_lineage(lineage)
+        part = self.sup.add(name, "learner", make)
         self._refresh_lineage_gauges(lineage)
-        return actor
+        return part.handle
 
     def _wants_gpu(self) -> bool:
         """A learner declares one GPU when asked for (``cuda``) or, on ``auto``, when the cluster has one."""
@@ -220,10 +235,8 @@ class Daemon:
             for ref in ready:
                 self._handle(ref)
         self._flush_acks()
-        for actor in self.learners.values():
-            ray.kill(actor, no_restart=True)
-        if self.ingest is not None:
-            ray.kill(self.ingest, no_restart=True)
+        if ray.is_initialized():
+            self.sup.remove_all()
         if self.server:
             self.server.stop()
         if self._ray_started:
@@ -234,7 +247,13 @@ class Daemon:
 
     # -- health ----------------------------------------------------------------------------------
     def health(self) -> dict:
-        return {"status": "ok" if self.redis_ok else "degraded", "redis": self.redis_ok,
+        """``ok`` (HTTP 200) while the stream is read: Redis and the ingest actor up. A learner down (being
+        restarted, or waiting for a node with room) is listed under ``down`` with since when and why, but
+        does not fail the check: restarting the daemon would not bring it back sooner."""
+        parts = self.sup.health()
+        reading = self.redis_ok and self.sup.is_up("ingest")
+        return {"status": "ok" if reading else "degraded", "redis": self.redis_ok,
+                "down": {n: p for n, p in parts.items() if not p["up"]}, "parts": parts,
                 "paused": self.paused, "lineages": sorted(self.learners),
                 "jobs": [{"lineage": j.lineage, "kind": j.kind, "seconds": round(time.monotonic() - j.started, 1)}
                          for j in self.jobs.values()]}
@@ -247,11 +266,13 @@ class Daemon:
         info_ref, next_info = None, 0.0
         drained = False
         while not self._stop.is_set():
+            self.sup.tick()
+            reading = self.sup.is_up("ingest")
             buffered = sum(len(b) for b in self.buffers.values())
             room = self.s.max_buffered * max(1, len(self.learners)) - buffered
-            if poll_ref is None and room > 0:
+            if poll_ref is None and room > 0 and reading:
                 poll_ref = self.ingest.poll.remote(room)
-            if info_ref is None and time.monotonic() >= next_info:
+            if info_ref is None and time.monotonic() >= next_info and reading:
                 info_ref, next_info = self.ingest.info.remote(), time.monotonic() + 2.0
             refs = [r for r in (poll_ref, info_ref) if r is not None] + list(self.jobs)
             ready, _ = ray.wait(refs, num_returns=1, timeout=0.5) if refs else ([], [])
@@ -267,17 +288,26 @@ class Daemon:
             self._dispatch(drained)
             if self.unacked and self.redis_ok:
                 self._flush_acks()
+            if self.embedded is not None and not self.redis_ok and self.embedded.exited():
+                log.warning("the embedded Redis exited; starting it again")
+                self.embedded.start()
+
+    def _set_redis(self, ok: bool, reason: str = "") -> None:
+        self.redis_ok = ok
+        self.metrics.up.set(1 if ok else 0)
+        self.sup.set_state("redis", ok, reason)
 
     def _on_poll(self, ref) -> bool:
         import ray
 
         try:
             res = ray.get(ref)
-            self.redis_ok = True
-            self.metrics.up.set(1)
+            self._set_redis(True)
+        except ray.exceptions.RayActorError as e:  # the ingest actor died: the supervisor brings it back
+            self.sup.suspect("ingest", e)
+            return False
         except Exception as e:  # Redis unreachable: back off, the next poll retries
-            self.redis_ok = False
-            self.metrics.up.set(0)
+            self._set_redis(False, one_line(e))
             log.warning("reading the stream failed: %s", e)
             time.sleep(1.0)
             return False
@@ -287,9 +317,12 @@ class Daemon:
             self._control(cmd)
         received: collections.Counter[str] = collections.Counter()
         for it in res.interactions:
+            if it.entry_id in self.holding:  # delivered again by a restarted ingest actor
+                continue
             if it.lineage not in self.learners and not self._admit_lineage(it):
                 continue
             received[it.lineage] += 1
+            self.holding.add(it.entry_id)
             self.buffers[it.lineage].append(it)
         for lineage, n in received.items():
             self.metrics.received.labels(lineage).inc(n)
@@ -315,6 +348,9 @@ class Daemon:
 
         try:
             info = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self.sup.suspect("ingest", e)
+            return
         except Exception:
             return
         self.metrics.lag.labels(self.s.stream, self.s.group).set(info.lag)
@@ -349,9 +385,10 @@ class Daemon:
     def _dispatch(self, drained: bool) -> None:
         busy = {j.lineage for j in self.jobs.values()}
         # Oldest-served lineage first, so one busy lineage cannot starve the others.
-        for lineage in sorted(self.learners, key=lambda name: self.last_dispatch.get(name, 0.0)):
-            actor = self.learners[lineage]
-            if lineage in busy:
+        learners = self.learners
+        for lineage in sorted(learners, key=lambda name: self.last_dispatch.get(name, 0.0)):
+            actor = learners[lineage]
+            if lineage in busy or not self.sup.is_up(f"learner:{lineage}"):
                 continue
             if not self.s.learner_cpus and self.jobs:
                 return  # learners sharing the node's cores take turns
@@ -377,19 +414,26 @@ class Daemon:
         job = self.jobs.pop(ref)
         try:
             rep = ray.get(ref)
-        except ray.exceptions.ActorUnavailableError as e:
-            # Ray is restarting the learner (e.g. its node went away) and refused the call: no fault of
-            # the window's, so it waits for the learner without counting an attempt.
-            log.warning("lineage %s: learner unavailable, %s put back: %s", job.lineage, job.kind, e)
+        except ray.exceptions.RayActorError as e:
+            # The learner died under the call (killed, its node lost; Ray or the supervisor brings it back
+            # from its checkpoint): no fault of the window's, so it waits for the learner without counting
+            # an attempt. A reduction starts again from the checkpoint, up to MAX_LEARN_ATTEMPTS times.
+            log.warning("lineage %s: learner died during %s, put back: %s", job.lineage, job.kind, one_line(e))
+            self.sup.suspect(f"learner:{job.lineage}", e)
             if job.kind == "learn":
                 self.buffers[job.lineage].extendleft(reversed(job.payload))
-            else:
+                return
+            self.metrics.reductions.labels(job.lineage, "failed").inc()
+            key = f"reduce:{job.lineage}"
+            self.failures[key] = self.failures.get(key, 0) + 1
+            if self.failures[key] < MAX_LEARN_ATTEMPTS:
                 self.reduce_requests.setdefault(job.lineage, job.payload)
-            time.sleep(1.0)
+            else:
+                del self.failures[key]
             return
         except Exception as e:  # noqa: BLE001
-            # The learner died (Ray restarts it from its checkpoint) or raised: nothing of this
-            # window was acknowledged, so it is dispatched again, up to MAX_LEARN_ATTEMPTS times.
+            # The learner raised: nothing of this window was acknowledged, so it is dispatched again,
+            # up to MAX_LEARN_ATTEMPTS times.
             log.error("lineage %s: %s failed: %s", job.lineage, job.kind, e)
             if job.kind == "reduce":
                 self.metrics.reductions.labels(job.lineage, "failed").inc()
@@ -403,18 +447,21 @@ class Daemon:
             del self.failures[key]
             for it in job.payload:
                 self.ingest.dead_letter.remote(it, "learn_failed", f"learning failed {MAX_LEARN_ATTEMPTS} times: {e}"[:300])
+                self.holding.discard(it.entry_id)
             self.metrics.rejected.labels("learn_failed").inc(len(job.payload))
             return
         if job.kind == "learn":
             self.failures.pop(job.payload[0].entry_id, None)
             self._on_learned(rep)
         else:
+            self.failures.pop(f"reduce:{job.lineage}", None)
             self._on_reduced(rep)
 
     def _on_learned(self, rep) -> None:
         m, lin = self.metrics, rep.lineage
         self.windows[lin] = rep.window
         self.unacked.extend(rep.ack)
+        self.holding.difference_update(rep.ack)
         self._flush_acks()
         now_ms = time.time() * 1000
         for eid in rep.ack:
@@ -498,12 +545,13 @@ class Daemon:
         (they are already in the ledger, so even a crash now only makes them duplicates later)."""
         import ray
 
-        if not self.unacked:
+        if not self.unacked or not self.sup.is_up("ingest"):
             return
         try:
             ray.get(self.ingest.ack.remote(self.unacked))
             self.unacked = []
+        except ray.exceptions.RayActorError as e:
+            self.sup.suspect("ingest", e)
         except Exception as e:  # noqa: BLE001
-            self.redis_ok = False
-            self.metrics.up.set(0)
+            self._set_redis(False, one_line(e))
             log.warning("acknowledging %d entries failed (will retry): %s", len(self.unacked), e)

@@ -27,6 +27,13 @@ import math
 from dataclasses import dataclass, field
 
 
+# Every reason a try can be refused for, and every reason interactions are set aside for (known in
+# advance, so the metrics start them at 0).
+REFUSAL_REASONS = ("nonfinite", "harm", "forgetting", "self_harm")
+SET_ASIDE_REASONS = ("harmful", "unlearnable")
+FATES = ("learned", "heldout", "deferred", "refused", "replayed", "duplicate")
+
+
 @dataclass(frozen=True)
 class Measured:
     """One source's held-out items, before and after a window: summed NLL and tokens per item."""
