@@ -1,8 +1,8 @@
 """Dynamic batching: a replica's one decode thread takes every request waiting for the same version and decodes
 them together (``learners.generate.decode``), streaming each row's text back to its request as it grows.
 
-Requests that arrive while a batch decodes wait for it to finish and then go together in the next one (batching
-at request granularity; a finished row leaves its batch at once). A batch holds one version only, so no answer
+A batch starts 5 ms after its first request arrives; requests that arrive while it decodes wait for it to finish
+and go together in the next one (batching at request granularity; a finished row leaves its batch at once). A batch holds one version only, so no answer
 mixes two versions' weights; requests for another version wait their turn, oldest first.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from daemon.serving.models import Loaded
 from learners.generate import Sampling, decode
 
 log = logging.getLogger("cascade.serving")
+COLLECT_S = 0.005  # how long a lone request waits for company before its batch starts
 
 
 class Overloaded(RuntimeError):
@@ -64,6 +65,8 @@ class Batcher:
         with self._cv:
             while not self._waiting:
                 self._cv.wait()
+            if len(self._waiting) < self.max_batch:  # requests sent together arrive a few ms apart
+                self._cv.wait(COLLECT_S)
             version = self._waiting[0].loaded.version
             batch, rest = [], collections.deque()
             while self._waiting:

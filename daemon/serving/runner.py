@@ -40,8 +40,9 @@ def start_serving(settings: Settings, redis_url: str, metrics_registry) -> None:
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     deployment = CascadeAPI.options(
         num_replicas=s.serve_replicas, ray_actor_options={"num_cpus": s.serve_cpus, "num_gpus": gpus},
-        # Our batcher's queue fills first (429 + Retry-After); Serve's own queue bounds what is beyond it.
-        max_ongoing_requests=s.serve_max_batch + s.serve_max_queue, max_queued_requests=s.serve_max_queue,
+        # More may reach a replica than its batcher takes, so the batcher's bound answers first (429 +
+        # Retry-After); Serve's own queue (503 beyond it) bounds what is beyond that.
+        max_ongoing_requests=s.serve_max_batch + 2 * s.serve_max_queue, max_queued_requests=s.serve_max_queue,
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
     serve.run(deployment.bind(s, redis_url), name=APP, route_prefix="/")
     log.info("API on http://%s:%d/v1 (%d replica(s), %g CPU each%s)", s.serve_host, s.serve_port, s.serve_replicas,
