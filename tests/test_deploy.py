@@ -121,8 +121,8 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 def pyproject_pin(package: str) -> str:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (pin,) = [d for d in deps if d.startswith(package + "==")]
-    return pin
+    (pin,) = [re.sub(r"\[[^\]]*\]", "", d) for d in deps if re.match(rf"{re.escape(package)}(\[[^\]]*\])?==", d)]
+    return pin  # extras dropped: "ray[serve]==2.60.0" -> "ray==2.60.0"
 
 
 def test_dockerfile_builds_a_cpu_torch_non_root_daemon_image():
