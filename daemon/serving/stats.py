@@ -22,8 +22,9 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 12
 log = logging.getLogger("cascade.serving")
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class ServeStats:
+class ServeMetrics:
+    """The serving series (plain prometheus_client); the stats actor is this class run by Ray."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("cascade_serve_requests", "API requests answered, by lineage, endpoint and status",
@@ -68,6 +69,9 @@ class ServeStats:
 
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+ServeStats = ray.remote(num_cpus=0, max_restarts=-1)(ServeMetrics)
 
 
 def stats_actor(create: bool = False):
