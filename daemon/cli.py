@@ -464,6 +464,12 @@ def cmd_fork(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args, settings: Settings) -> int:
+    from daemon.serving.runner import serve_forever
+
+    return serve_forever(settings)
+
+
 def cmd_demo(args, settings: Settings) -> int:
     from daemon.demo import run_demo
 
@@ -520,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="source", required=True)
     s.add_argument("--to", required=True)
     s.set_defaults(fn=cmd_fork)
+    s = sub.add_parser("serve", help="the OpenAI-compatible API alone (no learning), following the registry")
+    s.set_defaults(fn=cmd_serve)
     for name in ("pause", "resume"):
         s = sub.add_parser(name, help=f"{name} learning in the running daemon")
         s.set_defaults(fn=cmd_simple_control)
@@ -530,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        setup_logging(settings, logging.INFO if args.cmd in ("run", "demo") else logging.WARNING)
+        setup_logging(settings, logging.INFO if args.cmd in ("run", "demo", "serve") else logging.WARNING)
         return args.fn(args, settings)
     except (SettingsError, CliError, RegistryError, StartupError) as e:
         print(f"cascade: {e}", file=sys.stderr)

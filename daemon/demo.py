@@ -4,7 +4,8 @@ Embedded Redis, local Ray, SmolLM2-135M converted into gen-0000; Python standard
 found on this machine are published as interactions (the model learns to continue code it is
 shown); the daemon learns them; once the stream is drained the demo asks for a reduction (as
 ``cascade reduce`` would), and prints generation 1's size and held-out perplexity next to
-generation 0's.
+generation 0's. With serving on (the default) it ends by asking one prompt of gen-0000 and of the promoted
+generation through the OpenAI-compatible API, and prints the curl command to ask your own.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ DEMO_DEFAULTS = {"max_seq_len": 128, "batch_size": 8, "window_steps": 2, "reduce
                  "heldout_fraction": 0.12, "heal_steps": 12, "calibration_items": 48, "learning_rate": 3e-4,
                  "reduce_keep": 0.9}
 DEMO_INTERACTIONS = 128
+DEMO_PROMPT = "Write a Python function that returns the squares of a list of numbers."
 
 
 def run_demo(settings: Settings) -> int:
@@ -72,6 +74,9 @@ def run_demo(settings: Settings) -> int:
             if line[9:] != last[9:]:
                 print(line, flush=True)
             last = line
+        rep = outcome.get("report")
+        if rep is not None and rep.outcome == "promoted" and settings.serve:
+            ask_through_api(settings, f"main/{gen0}", f"main/{rep.generation}")
     finally:
         daemon.request_stop()
         runner.join(timeout=600)
@@ -115,3 +120,28 @@ def _summary(registry: Registry, settings: Settings, gen0: str) -> int:
     shrink = 1 - card1["n_params"] / main.card(gen0)["n_params"]
     print(f"  {gen1} is {shrink:.1%} smaller than {gen0}; card: {main.path / gen1 / 'card.json'}")
     return 0
+
+
+def ask_through_api(settings: Settings, *models: str) -> None:
+    """The same prompt, greedy, to each model through the running API; then a curl line to paste."""
+    import urllib.request
+
+    url = f"http://{settings.serve_host}:{settings.serve_port}/v1/chat/completions"
+    keys = settings.api_key_list()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {keys[0]}"} if keys else {})}
+    print(f"\nasking through the API ({url}): {DEMO_PROMPT!r}")
+    for model in models:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": DEMO_PROMPT}],
+                           "max_tokens": 64, "temperature": 0}).encode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=300) as resp:
+                doc = json.load(resp)
+        except OSError as e:
+            print(f"  {model}: the API did not answer ({e})")
+            continue
+        answer = doc["choices"][0]["message"]["content"].strip()
+        print(f"\n  {model} (weights {doc['system_fingerprint']}):\n    " + answer.replace("\n", "\n    "))
+    auth = ' -H "Authorization: Bearer $CASCADE_API_KEY"' if keys else ""
+    print("\nask your own while `cascade run` (or `cascade serve`) runs:\n"
+          f"  curl -s {url} -H 'Content-Type: application/json'{auth} \\\n"
+          """    -d '{"model": "main", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}'""")

@@ -112,6 +112,10 @@ class Daemon:
         self.sup.add("ingest", "ingest", lambda: IngestActor.remote(s, self.redis_url, consumer))
         for lineage in self.registry.lineages():
             self._learner(lineage)
+        if s.serve:  # the OpenAI-compatible API beside learning (daemon/serving/)
+            from daemon.serving.runner import start_serving
+
+            start_serving(s, self.redis_url, self.metrics.registry)
         gc.freeze()  # what start loaded lives as long as the daemon: the collector need not rescan it
         return self
 
@@ -237,6 +241,10 @@ class Daemon:
         self._flush_acks()
         if ray.is_initialized():
             self.sup.remove_all()
+        if self.s.serve:
+            from daemon.serving.runner import stop_serving
+
+            stop_serving()
         if self.server:
             self.server.stop()
         if self._ray_started:

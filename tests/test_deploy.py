@@ -18,13 +18,14 @@ import yaml
 
 from daemon.config import Settings, load_settings
 from daemon.metrics import Metrics
+from daemon.serving.stats import ServeMetrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def exported_names() -> set[str]:
     names = {"up"}
-    for family in Metrics("test").registry.collect():
+    for family in [*Metrics("test").registry.collect(), *ServeMetrics().registry.collect()]:
         names.add(family.name)
         for sample in family.samples:
             names.add(sample.name)
@@ -36,7 +37,8 @@ def exported_names() -> set[str]:
 
 
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "delta", "histogram_quantile", "clamp_min", "and", "or", "le",
-                "lineage", "reason", "outcome", "stream", "group", "domain", "job", "instance", "m", "h", "s"}
+                "lineage", "reason", "outcome", "stream", "group", "domain", "job", "instance", "m", "h", "s",
+                "endpoint", "status", "kind"}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -121,8 +123,8 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
 
 def pyproject_pin(package: str) -> str:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    (pin,) = [d for d in deps if d.startswith(package + "==")]
-    return pin
+    (pin,) = [re.sub(r"\[[^\]]*\]", "", d) for d in deps if re.match(rf"{re.escape(package)}(\[[^\]]*\])?==", d)]
+    return pin  # extras dropped: "ray[serve]==2.60.0" -> "ray==2.60.0"
 
 
 def test_dockerfile_builds_a_cpu_torch_non_root_daemon_image():
