@@ -262,7 +262,7 @@ class Chaos:
                     "CASCADE_MAX_SEQ_LEN": "48", "CASCADE_BATCH_SIZE": "8", "CASCADE_WINDOW_STEPS": "1",
                     "CASCADE_LEARNING_RATE": "0.003", "CASCADE_REDUCE_EVERY": "0", "CASCADE_HEAL_STEPS": "4",
                     "CASCADE_REDUCE_BUDGET": "3.0", "CASCADE_CLAIM_IDLE_MS": "2000", "CASCADE_READ_BLOCK_MS": "200",
-                    "CASCADE_STARTUP_TIMEOUT": "90"})
+                    "CASCADE_STARTUP_TIMEOUT": "90", "CASCADE_SERVE": "off"})
         self.daemon = Supervised(env, work, restart_sec)
         self.producer = Producer(self.redis.url, rate, hostile, seed)
         self.records: list[dict] = []

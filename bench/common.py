@@ -39,6 +39,9 @@ class Daemon:
         home.mkdir(parents=True)
         self.home = home
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+        # The API only where a benchmark asks for it (serve="on"): a replica beside the learner would take
+        # cores from what the benchmark measures.
+        self.env["CASCADE_SERVE"] = "off"
         self.env.update({f"CASCADE_{k.upper()}": str(v) for k, v in settings.items()})
         self.env["CASCADE_HOME"] = str(home)
         self.log = open(home / log_name, "ab")

@@ -73,7 +73,7 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
     env.update({"CASCADE_HOME": str(home), "CASCADE_BASE_MODEL": str(base_model), "CASCADE_REDIS_URL": redis_url,
                 "CASCADE_MAX_SEQ_LEN": "48", "CASCADE_BATCH_SIZE": "8", "CASCADE_WINDOW_STEPS": "1",
                 "CASCADE_LEARNING_RATE": "0.003", "CASCADE_REDUCE_EVERY": "0", "CASCADE_HEAL_STEPS": "20",
-                "CASCADE_REDUCE_BUDGET": "3.0", "CASCADE_CLAIM_IDLE_MS": "1000", "CASCADE_READ_BLOCK_MS": "200"})
+                "CASCADE_REDUCE_BUDGET": "3.0", "CASCADE_CLAIM_IDLE_MS": "1000", "CASCADE_READ_BLOCK_MS": "200", "CASCADE_SERVE": "off"})
     published: list[str] = []
     phases: Counter = Counter()
     unfinished: list[int] = []
