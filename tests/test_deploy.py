@@ -38,7 +38,7 @@ def exported_names() -> set[str]:
 
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "delta", "histogram_quantile", "clamp_min", "and", "or", "le",
                 "lineage", "reason", "outcome", "stream", "group", "domain", "job", "instance", "m", "h", "s",
-                "endpoint", "status", "kind"}
+                "endpoint", "status", "kind", "fate"}
 
 
 def metric_names(expr: str) -> set[str]:
