@@ -235,7 +235,7 @@ class LineageWorker:
             else:
                 self.learner.rollback()
                 self.counters["rollbacks"] += 1
-                rep.rollback, rep.rollback_detail = decision.reason, decision.detail
+                rep.rollback = decision.reason
                 log.warning("lineage %s: update rolled back (%s): %s", self.lineage, decision.reason, decision.detail)
                 outcomes += [(ex.id, "rolled_back") for ex in train]
             self.counters["update_steps"] += rep.steps

@@ -25,7 +25,6 @@ class LearnReport:
     heldout: dict[str, float] = field(default_factory=dict)
     forgetting: float = 0.0
     rollback: str | None = None
-    rollback_detail: str = ""
     replay_items: int = 0
     update_seconds: float = 0.0
     reduce_due: bool = False
