@@ -22,7 +22,8 @@ _db = itertools.count(1)
 # The unit tier (`make test-fast`, `pytest -m unit`): modules that start no Ray and no daemon process.
 # A new module is in the whole suite only until it is listed here.
 UNIT_MODULES = {"test_config", "test_schema", "test_replay", "test_learners", "test_reduction", "test_vocab",
-                "test_registry", "test_phases_and_tuning", "test_meta_init", "test_stream", "test_foundation"}
+                "test_registry", "test_phases_and_tuning", "test_meta_init", "test_stream", "test_foundation",
+                "test_bench_common"}
 
 
 def pytest_configure(config):
