@@ -2,14 +2,16 @@
 
 ``LineageWorker`` owns ``registry/<lineage>/``: it turns batches of interactions into constrained
 LoRA updates, gates them on held-out data, checkpoints ``live/``, and reduces the lineage into its
-next generation. It returns the entry ids that may be acknowledged only after they are durable.
+next generation (the decisions are ``learners.reduce``'s; here only the registry work). It returns
+the entry ids that may be acknowledged only after they are durable.
 
 An update window (one ``learn`` call) goes:
 
 1. drop ids the ledger has already handled (counted as duplicates);
 2. move a deterministic slice (``heldout_fraction``, by a hash of the id) into the per-source
-   held-out sets, which are never trained on;
-3. optimizer steps over the rest, each batch topped up with replayed items;
+   held-out sets, which are never trained on (with the gate off too);
+3. ``window_steps`` optimizer steps over the rest, each batch topped up with replayed items (the worker
+   sizes its windows: ``window_items``, sent back to the driver in every report);
 4. the gate compares held-out loss per source with the last accepted adapter; a bad window is
    rolled back (its interactions are still recorded, so they are not retried forever);
 5. ledger records the ids under the next checkpoint step, the checkpoint is written and
@@ -276,7 +278,7 @@ class LineageWorker:
             self.learner.rollback()
             self.counters["rollbacks"] += 1
             rep.rollbacks.append(decision.reason)
-            rep.rollback, rep.rollback_detail = rep.rollback or decision.reason, decision.detail
+            rep.rollback = rep.rollback or decision.reason
             log.warning("lineage %s: window refused (%s, try %d of %d): %s", self.lineage, decision.verdict,
                         attempt + 1, self.s.gate_retries + 1, decision.detail)
             if decision.verdict == "harmful":

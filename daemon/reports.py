@@ -25,7 +25,6 @@ class LearnReport:
     heldout: dict[str, float] = field(default_factory=dict)
     forgetting: float = 0.0
     rollback: str | None = None  # the reason of the window's first refusal (None: kept at the first try)
-    rollback_detail: str = ""
     rollbacks: list[str] = field(default_factory=list)  # the reason of every refused try (retries included)
     attempts: int = 0  # tries the gate judged (1 + retries under stronger protection)
     redeemed: int = 0  # of ``learned``: interactions an earlier window deferred
