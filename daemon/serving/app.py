@@ -208,28 +208,30 @@ class CascadeAPI:
         cid, model, fingerprint, created = meta
         parts, first, status = [], True, 200
         try:
-            async for kind, value in self._events(job, deadline):
-                if kind == "text":
-                    parts.append(value)
-                    yield sse(completion_body(cid, model, fingerprint, value, None, chat, created, True, first))
-                    first = False
-                elif kind == "done":
-                    yield sse(completion_body(cid, model, fingerprint, "", value, chat, created, True, first))
-                else:
-                    status = 503
-                    yield sse(APIError(503, f"generation failed: {value}", "generation_failed").body())
-            if include_usage:
-                yield sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
-                           "created": created, "model": model, "system_fingerprint": fingerprint, "choices": [],
-                           "usage": usage(len(job.prompt_ids), len(job.tokens))})
-        except APIError as e:
-            status = e.status
-            yield sse(e.body())
+            try:
+                async for kind, value in self._events(job, deadline):
+                    if kind == "text":
+                        parts.append(value)
+                        yield sse(completion_body(cid, model, fingerprint, value, None, chat, created, True, first))
+                        first = False
+                    elif kind == "done":
+                        yield sse(completion_body(cid, model, fingerprint, "", value, chat, created, True, first))
+                    else:
+                        status = 503
+                        yield sse(APIError(503, f"generation failed: {value}", "generation_failed").body())
+                if include_usage:
+                    yield sse({"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
+                               "created": created, "model": model, "system_fingerprint": fingerprint,
+                               "choices": [], "usage": usage(len(job.prompt_ids), len(job.tokens))})
+            except APIError as e:
+                status = e.status
+                yield sse(e.body())
+            yield sse("[DONE]")
         finally:
-            if job.finish is None:
-                job.cancelled = True  # the client went away (or timed out): free its row in the batch
-        yield sse("[DONE]")
-        done(status, "".join(parts) if status == 200 else None)
+            if job.finish is None:  # the client went away (or timed out): free its row in the batch
+                job.cancelled = True
+                status = 499 if status == 200 else status  # 499: the client closed the request
+            done(status, "".join(parts) if status == 200 else None)
 
     def _done(self, job: Job, endpoint: str, lineage: str, status: int, t0: float, cid: str, prompt: str,
               text: str | None, model: str) -> None:

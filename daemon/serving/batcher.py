@@ -1,9 +1,10 @@
 """Dynamic batching: a replica's one decode thread takes every request waiting for the same version and decodes
 them together (``learners.generate.decode``), streaming each row's text back to its request as it grows.
 
-A batch starts 5 ms after its first request arrives; requests that arrive while it decodes wait for it to finish
-and go together in the next one (batching at request granularity; a finished row leaves its batch at once). A batch holds one version only, so no answer
-mixes two versions' weights; requests for another version wait their turn, oldest first.
+A batch starts 20 ms after its first request arrives (at once when full); requests that arrive while it
+decodes wait for it to finish and go together in the next one (batching at request granularity; a finished row
+leaves its batch at once). A batch holds one version only, so no answer mixes two versions' weights; requests
+for another version wait their turn, oldest first.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from daemon.serving.models import Loaded
 from learners.generate import Sampling, decode
 
 log = logging.getLogger("cascade.serving")
-COLLECT_S = 0.005  # how long a lone request waits for company before its batch starts
+COLLECT_S = 0.02  # how long a batch waits for company before it starts (unless full)
 
 
 class Overloaded(RuntimeError):
@@ -65,8 +66,9 @@ class Batcher:
         with self._cv:
             while not self._waiting:
                 self._cv.wait()
-            if len(self._waiting) < self.max_batch:  # requests sent together arrive a few ms apart
-                self._cv.wait(COLLECT_S)
+            deadline = time.monotonic() + COLLECT_S  # requests sent together arrive some ms apart
+            while len(self._waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
             version = self._waiting[0].loaded.version
             batch, rest = [], collections.deque()
             while self._waiting:
