@@ -50,6 +50,47 @@ def stream_ms(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+def secure_local_ray_env() -> None:
+    """Loopback listeners and token authentication with a fresh random token for the daemon's own
+    Ray, unless the operator chose otherwise with ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN(_PATH)``."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ["RAY_AUTH_MODE"] == "token" and not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ)):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def start_ray(settings: Settings, deadline: float) -> bool:
+    """Join ``CASCADE_RAY_ADDRESS`` (a cluster still starting is tried again until ``deadline``, each try
+    itself waiting up to ~30 s for Ray Client) or start a Ray of this process's own on 127.0.0.1; True
+    when this process started it. Used by ``cascade run`` and ``cascade serve``."""
+    if not settings.ray_address:
+        secure_local_ray_env()  # Ray reads its settings when it is first imported, so before `import ray`
+    import ray
+
+    runtime_env = {"worker_process_setup_hook": "daemon.actors.setup_worker",
+                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if ray.is_initialized():
+        return False
+    if settings.ray_address:
+        wait_for(f"join the Ray cluster at {settings.ray_address}",
+                 lambda: ray.init(address=settings.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING),
+                 (ConnectionError,), deadline, settings.startup_timeout)
+        return False
+    # address="local": always a Ray of the daemon's own, never a `ray start` cluster that happens to run
+    # on this machine (or RAY_ADDRESS) with other code and other credentials.
+    ctx = ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20,
+                   _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
+                   configure_logging=False)
+    gcs = ctx.address_info["gcs_address"]
+    if os.environ["RAY_AUTH_MODE"] == "token":
+        log.info("local Ray started on %s with token authentication (RAY_AUTH_MODE=token)", gcs)
+    else:
+        log.warning("local Ray started on %s without token authentication (RAY_AUTH_MODE=%s)", gcs,
+                    os.environ["RAY_AUTH_MODE"])
+    return True
+
+
 @dataclass
 class Job:
     lineage: str
@@ -131,51 +172,8 @@ class Daemon:
         transient = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
         wait_for(f"reach Redis at {redact_url(self.redis_url)}", ping, transient, self.deadline, self.s.startup_timeout)
 
-    def _join_cluster(self, runtime_env: dict) -> None:
-        """A cluster that is still starting, or a Ray Client server whose per-client process failed to
-        start, is tried again (each try itself waits up to ~30 s for Ray Client) until the start-up deadline."""
-        import ray
-
-        wait_for(f"join the Ray cluster at {self.s.ray_address}",
-                 lambda: ray.init(address=self.s.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING),
-                 (ConnectionError,), self.deadline, self.s.startup_timeout)
-
     def _start_ray(self) -> None:
-        if not self.s.ray_address:
-            # Ray reads its settings when it is first imported, so they are set before `import ray`.
-            self._secure_local_ray_env()
-        import ray
-
-        runtime_env = {"worker_process_setup_hook": "daemon.actors.setup_worker",
-                       "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-        if ray.is_initialized():
-            return
-        if self.s.ray_address:
-            self._join_cluster(runtime_env)
-        else:
-            # address="local": always a Ray of the daemon's own, never a `ray start` cluster that happens
-            # to run on this machine (or RAY_ADDRESS) with other code and other credentials.
-            ctx = ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                           object_store_memory=256 << 20,
-                           _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
-                           configure_logging=False)
-            self._ray_started = True
-            gcs = ctx.address_info["gcs_address"]
-            if os.environ["RAY_AUTH_MODE"] == "token":
-                log.info("local Ray started on %s with token authentication (RAY_AUTH_MODE=token)", gcs)
-            else:
-                log.warning("local Ray started on %s without token authentication (RAY_AUTH_MODE=%s)", gcs,
-                            os.environ["RAY_AUTH_MODE"])
-
-    @staticmethod
-    def _secure_local_ray_env() -> None:
-        """Loopback listeners and token authentication with a fresh random token for the daemon's own
-        Ray, unless the operator chose otherwise with ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN(_PATH)``."""
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        if os.environ["RAY_AUTH_MODE"] == "token" and not ({"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ)):
-            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        self._ray_started = start_ray(self.s, self.deadline)
 
     @property
     def ingest(self):

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from daemon.config import Settings
 
@@ -68,30 +69,11 @@ def serving_health() -> dict:
     return {"status": "ok" if status == "RUNNING" else "degraded", "serve": str(status)}
 
 
-def _start_ray(settings: Settings) -> bool:
-    """Join ``CASCADE_RAY_ADDRESS`` or start a local Ray as the daemon does; True when this process started it."""
-    from daemon.service import Daemon
-
-    if not settings.ray_address:
-        Daemon._secure_local_ray_env()
-    import ray
-
-    runtime_env = {"worker_process_setup_hook": "daemon.actors.setup_worker",
-                   "env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, runtime_env=runtime_env, logging_level=logging.WARNING)
-        return False
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 << 20,
-             _node_ip_address="127.0.0.1", runtime_env=runtime_env, logging_level=logging.WARNING,
-             configure_logging=False)
-    return True
-
-
 def serve_forever(settings: Settings) -> int:
     """``cascade serve``: the API alone (no learning), following the registry, until SIGTERM/SIGINT."""
     from daemon.embedded_redis import EmbeddedRedis
     from daemon.metrics import Metrics, MetricsServer
-    from daemon.service import package_version
+    from daemon.service import package_version, start_ray
 
     stop = threading.Event()
     embedded = None
@@ -99,7 +81,7 @@ def serve_forever(settings: Settings) -> int:
     if redis_url is None:  # the daemon's embedded Redis when it runs (reused), else one of our own
         embedded = EmbeddedRedis(settings.home).start()
         redis_url = embedded.url
-    started = _start_ray(settings)  # first: Ray reads its settings when it is first imported
+    started = start_ray(settings, time.monotonic() + settings.startup_timeout)  # first: before `import ray`
     import ray
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
