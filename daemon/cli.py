@@ -398,6 +398,30 @@ def cmd_fork(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args, settings: Settings) -> int:
+    from learners.export import FORMATS, TYPES, ExportError, export_gguf, file_name
+
+    if args.format not in FORMATS:
+        raise CliError(f"unsupported export format {args.format!r} (supported: {', '.join(FORMATS)})")
+    if args.type not in TYPES:
+        raise CliError(f"unsupported GGUF type {args.type!r} (supported: {', '.join(TYPES)})")
+    gen_dir = Registry(settings.registry_root).resolve_generation(args.generation)
+    lineage, _, gen = args.generation.partition("/")
+    out = Path(args.out) if args.out else Path(file_name(lineage, gen, args.type))
+    if out.is_dir():
+        raise CliError(f"{out} is a directory; --out names the file to write")
+    try:
+        rec = export_gguf(gen_dir, out, args.type, name=args.generation)
+    except ExportError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(rec.to_json()))
+    else:
+        note = f"; {len(rec.fallback)} tensors kept in f16 (rows not a multiple of 32)" if rec.fallback else ""
+        print(f"wrote {rec.path} ({rec.type}, {rec.bytes:,} bytes, sha256 {rec.sha256}){note}")
+    return 0
+
+
 def cmd_demo(args, settings: Settings) -> int:
     from daemon.demo import run_demo
 
@@ -454,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="source", required=True)
     s.add_argument("--to", required=True)
     s.set_defaults(fn=cmd_fork)
+    s = sub.add_parser("export", help="write a generation as one GGUF file for llama.cpp")
+    s.add_argument("generation", metavar="LINEAGE/gen-NNNN")
+    s.add_argument("--format", default="gguf", help="gguf")
+    s.add_argument("--type", default="q8_0", help="f16, q8_0 (default), bf16, f32 or q4_0")
+    s.add_argument("--out", metavar="FILE", help="default: ./<lineage>-gen-NNNN.<type>.gguf")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_export)
     for name in ("pause", "resume"):
         s = sub.add_parser(name, help=f"{name} learning in the running daemon")
         s.set_defaults(fn=cmd_simple_control)
