@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     seed: int = 0
     log_format: Literal["text", "json"] = "text"
 
+    # -- exports (edge) --------------------------------------------------------------------------
+    export: str = Field("", description="files each promoted generation is also exported as, into "
+                        "<lineage>/gen-NNNN/export/, e.g. 'gguf:q8_0,gguf:f16' (types: f16, q8_0, bf16, f32, q4_0); "
+                        "empty = none", json_schema_extra={"group": "essential"})
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
@@ -148,6 +153,13 @@ class Settings(BaseSettings):
 
         parse_phases(v)
         return v
+
+    @field_validator("export")
+    @classmethod
+    def _export(cls, v: str) -> str:
+        from learners.export import parse_targets
+
+        return ",".join(f"{fmt}:{typ}" for fmt, typ in parse_targets(v))
 
     @field_validator("device")
     @classmethod
@@ -248,6 +260,11 @@ class Settings(BaseSettings):
         from policies.adaptation import MetaInitPolicy
 
         return MetaInitPolicy(enabled=self.meta_init)
+
+    def export_targets(self) -> list[tuple[str, str]]:
+        from learners.export import parse_targets
+
+        return parse_targets(self.export)
 
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)

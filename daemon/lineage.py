@@ -37,6 +37,7 @@ from daemon.registry import LineageDir, Registry, now_rfc3339, read_json, atomic
 from daemon.reports import LearnReport, ReductionReport
 from daemon.schema import Interaction
 from learners.data import Example, chunks
+from learners.export import export_generation
 from learners.meta import ReptileConfig, reptile
 from learners.reduction import (activation_importance, count_parameters, heal, kept_blocks, merge_adapter, prune,
                                reconstruct)
@@ -449,6 +450,7 @@ class LineageWorker:
         try:
             student.save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))
+            card["exports"], export_failures = self._export(staging, gen)
             self.dir.publish_generation(staging, gen, card)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -464,7 +466,19 @@ class LineageWorker:
         self.checkpoint()
         log.info("lineage %s: promoted %s (%d -> %d parameters)", self.lineage, gen, n_before, n_after)
         return ReductionReport(self.lineage, "promoted", gen, parent, n_before, n_after, time.perf_counter() - t0,
-                               card=card)
+                               card=card, export_failures=export_failures)
+
+    def _export(self, staging: Path, gen: str) -> tuple[list[dict], list[str]]:
+        """CASCADE_EXPORT's files of the generation being built, inside it (so they are published with it):
+        the card's ``exports`` and one sentence per failure. A failure never stops the promotion."""
+        targets = self.s.export_targets()
+        if not targets:
+            return [], []
+        records, failures = export_generation(staging, self.lineage, gen, targets)
+        for f in failures:
+            log.error("lineage %s: exporting %s failed (the generation is promoted without it): %s",
+                      self.lineage, gen, f)
+        return [r.to_json() for r in records], failures
 
     def _trim_vocabulary(self, model, items: list[Example], gate_sets: dict[str, list[Example]], bf16: bool,
                          ppl_before: dict[str, float], ppl_after: dict[str, float], policy):

@@ -239,3 +239,70 @@ def test_cli_export_bad_input_is_one_sentence_and_writes_nothing(home, tmp_path,
     assert says in r.stderr and r.stderr.count("\n") == 1 and r.stderr.startswith("cascade: ")
     assert list(work.iterdir()) == [] and blocker.read_text().startswith("a file")
     assert not list((home / "registry").rglob("*.gguf*")) and not list(tmp_path.glob("*.gguf*"))
+
+
+# -- export on promotion ----------------------------------------------------------------------------
+def _promote(home: Path, base: Path, export: str):
+    from daemon.config import load_settings
+    from daemon.foundation import ensure_foundation
+    from daemon.lineage import LineageWorker
+    from daemon.registry import Registry
+    from daemon.schema import Interaction
+
+    s = load_settings(home=home, base_model=base, max_seq_len=32, heal_steps=1, reduce_budget=10.0,
+                      learning_rate=3e-3, export=export)
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn([Interaction(entry_id=f"{i}-0", id=str(i), prompt="Q", response=f" answer {i % 2}") for i in range(1, 25)])
+    rep = w.reduce()
+    w.close()
+    return rep
+
+
+def test_each_promoted_generation_is_exported_into_its_directory_before_it_is_published(trained, tmp_path):
+    home = tmp_path / "home"
+    rep = _promote(home, trained, "gguf:q8_0,gguf:f16")
+    assert rep.outcome == "promoted" and rep.export_failures == []
+    gen = home / "registry" / "main" / rep.generation
+    card = json.loads((gen / "card.json").read_text())
+    assert card == rep.card  # what the cascade:generations event is built from
+    assert [(e["format"], e["type"], e["path"]) for e in card["exports"]] == [
+        ("gguf", "q8_0", f"export/main-{rep.generation}.q8_0.gguf"),
+        ("gguf", "f16", f"export/main-{rep.generation}.f16.gguf")]
+    import hashlib
+    for e in card["exports"]:
+        data = (gen / e["path"]).read_bytes()
+        assert len(data) == e["bytes"] and hashlib.sha256(data).hexdigest() == e["sha256"]
+    width = json.loads((gen / "config.json").read_text())["intermediate_size"]
+    q8 = card["exports"][0]
+    assert bool(q8["fallback"]) == (width % 32 != 0) and card["exports"][1]["fallback"] == {}
+    a = compare(gen / q8["path"], gen, HELDOUT[:2], max_tokens=64)
+    assert a.tokens_equal and abs(a.ppl_ratio - 1) < 0.03
+
+
+def test_a_failed_export_is_reported_and_the_generation_promoted_without_it(trained, tmp_path):
+    """A tokenizer llama.cpp has no pre-tokenizer for: the export fails, the promotion does not."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in trained.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    spec = json.loads((base / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Punctuation"}, spec["pre_tokenizer"]]}
+    (base / "tokenizer.json").write_text(json.dumps(spec))
+    home = tmp_path / "home"
+    rep = _promote(home, base, "gguf:q8_0")
+    assert rep.outcome == "promoted" and len(rep.export_failures) == 1 and "pre-tokenizer" in rep.export_failures[0]
+    gen = home / "registry" / "main" / rep.generation
+    assert (home / "registry" / "main" / "CURRENT").read_text().strip() == rep.generation
+    assert json.loads((gen / "card.json").read_text())["exports"] == []
+    assert not (gen / "export").exists() or not list((gen / "export").iterdir())
+
+
+def test_a_bad_export_setting_fails_at_start_naming_it(tmp_path):
+    from daemon.config import SettingsError, load_settings
+
+    for bad in ("gguf:q3", "onnx:f16"):
+        with pytest.raises(SettingsError, match="CASCADE_EXPORT"):
+            load_settings(home=tmp_path, export=bad)
+    assert load_settings(home=tmp_path, export=" gguf:Q8_0 ,gguf:f16").export_targets() == [
+        ("gguf", "q8_0"), ("gguf", "f16")]
