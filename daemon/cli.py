@@ -422,6 +422,12 @@ def cmd_export(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_serve(args, settings: Settings) -> int:
+    from daemon.serving.runner import serve_forever
+
+    return serve_forever(settings)
+
+
 def cmd_demo(args, settings: Settings) -> int:
     from daemon.demo import run_demo
 
@@ -485,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="FILE", help="default: ./<lineage>-gen-NNNN.<type>.gguf")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("serve", help="the OpenAI-compatible API alone (no learning), following the registry")
+    s.set_defaults(fn=cmd_serve)
     for name in ("pause", "resume"):
         s = sub.add_parser(name, help=f"{name} learning in the running daemon")
         s.set_defaults(fn=cmd_simple_control)
@@ -495,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        setup_logging(settings, logging.INFO if args.cmd in ("run", "demo") else logging.WARNING)
+        setup_logging(settings, logging.INFO if args.cmd in ("run", "demo", "serve") else logging.WARNING)
         return args.fn(args, settings)
     except (SettingsError, CliError, RegistryError) as e:
         print(f"cascade: {e}", file=sys.stderr)

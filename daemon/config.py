@@ -108,6 +108,40 @@ class Settings(BaseSettings):
     seed: int = 0
     log_format: Literal["text", "json"] = "text"
 
+    # -- serving (the OpenAI-compatible API, daemon/serving/) ------------------------------------------
+    serve: bool = Field(True, description="on/off: `cascade run` also serves the API",
+                        json_schema_extra={"group": "essential"})
+    serve_host: str = Field("127.0.0.1", min_length=1, description="the API's address (loopback unless set)",
+                            json_schema_extra={"group": "essential"})
+    serve_port: int = Field(8000, ge=1, le=65535, description="the API's port", json_schema_extra={"group": "essential"})
+    api_keys: str | None = Field(None, repr=False, description="comma-separated bearer tokens; unset = no "
+                                 "authentication", json_schema_extra={"group": "essential"})
+    serve_replicas: int = Field(1, ge=1, le=256, description="serving replicas (Ray places them)",
+                                json_schema_extra={"group": "essential"})
+    feedback_ttl: int = Field(3600, ge=1, le=30 * 86400, description="seconds a served completion stays open to "
+                              "feedback", json_schema_extra={"group": "essential"})
+    feedback_max_items: int = Field(10_000, ge=1, le=10_000_000, description="served completions kept for feedback "
+                                    "(each at most max_entry_bytes; the oldest dropped first)",
+                                    json_schema_extra={"group": "tuning"})
+    serve_cpus: float = Field(1.0, gt=0, le=256, description="CPUs each replica declares to Ray (its torch threads "
+                              "match)", json_schema_extra={"group": "tuning"})
+    serve_gpus: float = Field(0.25, ge=0, le=8, description="share of a GPU each replica declares when the cluster "
+                              "has GPUs (0 = serve on CPUs)", json_schema_extra={"group": "tuning"})
+    serve_max_batch: int = Field(16, ge=1, le=512, description="requests decoded together per batch",
+                                 json_schema_extra={"group": "tuning"})
+    serve_max_queue: int = Field(64, ge=1, le=100_000, description="requests waiting per replica before 429",
+                                 json_schema_extra={"group": "tuning"})
+    serve_max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="largest request body (413 "
+                                      "beyond)", json_schema_extra={"group": "tuning"})
+    serve_max_prompt_tokens: int = Field(2048, ge=1, le=131_072, description="longest prompt in tokens (413 beyond)",
+                                         json_schema_extra={"group": "tuning"})
+    serve_max_tokens: int = Field(512, ge=1, le=131_072, description="largest max_tokens a request may ask (400 "
+                                  "beyond)", json_schema_extra={"group": "tuning"})
+    serve_timeout_s: float = Field(120.0, gt=0, le=3600, description="seconds a request may take (503 beyond)",
+                                   json_schema_extra={"group": "tuning"})
+    serve_cache_models: int = Field(4, ge=1, le=64, description="model versions (and generations) each replica "
+                                    "keeps loaded", json_schema_extra={"group": "tuning"})
+
     # -- exports (edge) --------------------------------------------------------------------------
     export: str = Field("", description="files each promoted generation is also exported as, into "
                         "<lineage>/gen-NNNN/export/, e.g. 'gguf:q8_0,gguf:f16' (types: f16, q8_0, bf16, f32, q4_0); "
@@ -133,6 +167,18 @@ class Settings(BaseSettings):
             if s in ("off", "false", "0", "no"):
                 return False
             raise ValueError("must be 'on' or 'off'")
+        return v
+
+    @field_validator("serve", mode="before")
+    @classmethod
+    def _serve_on_off(cls, v):
+        return cls._on_off(v)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v):
+        if v is not None and (not v.strip() or any(not k.strip() or " " in k.strip() for k in v.split(","))):
+            raise ValueError("must be comma-separated tokens without spaces, none empty")
         return v
 
     @field_validator("constraints")
@@ -269,6 +315,9 @@ class Settings(BaseSettings):
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)
 
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+
     @property
     def registry_root(self) -> Path:
         return self.home / "registry"
@@ -311,6 +360,8 @@ def load_settings(config_file: str | Path | None = None, **overrides) -> Setting
             from daemon.stream import redact_url
 
             got = redact_url(got)  # never echo a password
+        if name == "api_keys":
+            got = "<redacted>"  # nor a key
         raise SettingsError(f"invalid setting {where}: {msg} (got {got!r})") from None
     except (ValueError, OSError) as e:  # e.g. a TOML syntax error
         raise SettingsError(f"invalid config file {path}: {e}") from None

@@ -113,6 +113,10 @@ class Daemon:
         self.ingest = IngestActor.remote(s, self.redis_url, consumer)
         for lineage in self.registry.lineages():
             self._learner(lineage)
+        if s.serve:  # the OpenAI-compatible API beside learning (daemon/serving/)
+            from daemon.serving.runner import start_serving
+
+            start_serving(s, self.redis_url, self.metrics.registry)
         gc.freeze()  # what start loaded lives as long as the daemon: the collector need not rescan it
         return self
 
@@ -223,6 +227,10 @@ class Daemon:
             ray.kill(actor, no_restart=True)
         if self.ingest is not None:
             ray.kill(self.ingest, no_restart=True)
+        if self.s.serve:
+            from daemon.serving.runner import stop_serving
+
+            stop_serving()
         if self.server:
             self.server.stop()
         if self._ray_started:

@@ -71,6 +71,7 @@ def settings_env(home: Path, base: Path, redis_url: str, **extra) -> dict[str, s
         "CASCADE_METRICS_PORT": str(free_port()), "CASCADE_MAX_SEQ_LEN": "48", "CASCADE_BATCH_SIZE": "8",
         "CASCADE_LEARNING_RATE": "0.003", "CASCADE_REDUCE_EVERY": "0", "CASCADE_HEAL_STEPS": "4",
         "CASCADE_REDUCE_BUDGET": "3.0", "CASCADE_CLAIM_IDLE_MS": "2000", "CASCADE_READ_BLOCK_MS": "200",
+        "CASCADE_SERVE": "off",  # the API only where a test asks for it (serve="on", on a free port)
     })
     env.update({f"CASCADE_{k.upper()}": str(v) for k, v in extra.items()})
     return env
