@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import adaptation, continual, crash, reduction, specialists, throughput, vocab
+from bench import adaptation, continual, crash, edge, reduction, specialists, throughput, vocab
 
 
 def main(argv: list[str]) -> int:
     quick = ["--quick"] if "--quick" in argv else []
     return (continual.main(quick) or reduction.main(quick) or crash.main(quick) or throughput.main(quick)
-            or adaptation.main(quick) or specialists.main(quick) or vocab.main(quick))
+            or adaptation.main(quick) or specialists.main(quick) or vocab.main(quick) or edge.main(quick))
 
 
 if __name__ == "__main__":
