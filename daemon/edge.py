@@ -324,7 +324,7 @@ class EdgeNode:
             try:
                 fn()
                 self.link_up = True
-            except (OSError, ValueError, KeyError) as e:  # the link or the daemon is down: try again later
+            except Exception as e:  # noqa: BLE001 - the link or the daemon is down: try again later, never die
                 self.link_up = False
                 log.warning("edge: %s failed (will retry): %s", what, e)
             self.stop_event.wait(every)
