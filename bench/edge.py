@@ -12,12 +12,13 @@ instead of falling back to F16) costs against the old multiple of 8, at keep 0.6
 after pruning, parameters, q8_0 file size and llama.cpp speed.
 
 Not healed: healing (distillation) changes perplexities, not file sizes or speeds, and takes long on
-2 cores. Run: ``python -m bench.edge`` (``--quick``: gen-0000 and keep 0.6 only, fewer held-out items).
+2 cores. Run: ``python -m bench.edge`` (``--quick``: gen-0000 and keep 0.6 only, 4 held-out items, no bf16).
 Writes bench/results/edge.json and edge.png.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -39,24 +40,32 @@ def run_info(threads: int) -> dict:
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "versions": {p: version(p) for p in ("torch", "transformers", "gguf", "llama-cpp-python", "numpy")},
             "device": f"cpu ({platform.processor() or platform.machine()})", "threads": threads,
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "load_average_at_end": os.getloadavg()}
 
 
-def reduced(base: Path, keep: float, data: dict, seq: int, out: Path, multiple: int = 32, trim: bool = False,
-            choose: bool = True) -> dict:
-    """A generation pruned to ``keep`` the way the daemon prunes (without healing), saved to ``out``."""
-    import torch
+def importance_of(base: Path, data: dict, seq: int):
+    """The daemon's activation importance of ``base`` on the lineage's calibration items (computed once)."""
     from transformers import AutoTokenizer
 
-    from bench.reduction import choose_plan
-    from learners.reduction import activation_importance, count_parameters, prune
+    from learners.reduction import activation_importance
     from learners.update import load_causal_lm
-    from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
-    from policies.reduction import ModelShape, plan_reduction
 
     tok = AutoTokenizer.from_pretrained(str(base))
     model = load_causal_lm(base).eval()
-    importance = activation_importance(model, data["calib"], tok, seq)
+    return model, tok, activation_importance(model, data["calib"], tok, seq)
+
+
+def reduced(scored, keep: float, data: dict, seq: int, out: Path, multiple: int = 32, trim: bool = False,
+            choose: bool = True) -> dict:
+    """A generation pruned to ``keep`` the way the daemon prunes (without healing), saved to ``out``."""
+    import torch
+
+    from bench.reduction import choose_plan
+    from learners.reduction import count_parameters, prune
+    from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
+    from policies.reduction import ModelShape, plan_reduction
+
+    model, tok, importance = scored
     if choose:
         plan, _ = choose_plan(model, importance, tok, data["calib"], seq, keep)
     else:  # width only, rounded to ``multiple`` (the allocation the daemon chose on SmolLM2 at keep 0.6)
@@ -117,7 +126,7 @@ def llama_speed(path: Path, prompt_ids: list[int], threads: int) -> dict:
 
 
 def measure(name: str, model_dir: Path, held: list[str], threads: int, work: Path, info: dict,
-            hf_dtypes=("float32", "bfloat16")) -> dict:
+            hf_dtypes=("float32", "bfloat16"), types=("f16", "q8_0"), max_tokens: int = 256) -> dict:
     from transformers import AutoTokenizer
 
     from learners.export import export_gguf
@@ -127,11 +136,11 @@ def measure(name: str, model_dir: Path, held: list[str], threads: int, work: Pat
     prompt_ids = tok(" ".join(held), add_special_tokens=False)["input_ids"][:PROMPT_TOKENS]
     row = {"name": name, **info, "safetensors_bytes": safetensors_bytes(model_dir),
            "transformers": {d: hf_speed(model_dir, prompt_ids, threads, d) for d in hf_dtypes}, "gguf": {}}
-    for typ in ("f16", "q8_0"):
+    for typ in types:
         t0 = time.perf_counter()
         rec = export_gguf(model_dir, work / f"{name}.{typ}.gguf", typ)
         export_s = time.perf_counter() - t0
-        agreement = compare(rec.path, model_dir, held, max_tokens=256, n_threads=threads)
+        agreement = compare(rec.path, model_dir, held, max_tokens=max_tokens, n_threads=threads)
         row["gguf"][typ] = {"bytes": rec.bytes, "export_s": export_s, "fallback_tensors": len(rec.fallback),
                             **llama_speed(Path(rec.path), prompt_ids, threads), **agreement.to_json()}
         print(f"  {name} {typ}: {rec.bytes / 1e6:.1f} MB, ppl {agreement.ppl_gguf:.3f} vs fp32 "
@@ -180,7 +189,8 @@ def plot(doc: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="gen-0000 and keep 0.6 only, fewer held-out items")
+    p.add_argument("--quick", action="store_true", help="gen-0000 and keep 0.6 only, 4 held-out items of 128 "
+                   "tokens, no bf16")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -191,31 +201,36 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     seq = 256
-    n_held = 8 if args.quick else 16
+    n_held, max_tokens = (4, 128) if args.quick else (16, 256)
     data = load_data(n_train=32, n_calib=32 if args.quick else 64, n_held=n_held)
     held = [ex.prompt + ex.response for ex in data["held"]]
     base = foundation()
     t_start = time.perf_counter()
     rows, multiple = [], {}
+    dtypes = ("float32",) if args.quick else ("float32", "bfloat16")
     with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
         work = Path(tmp)
         print("gen-0000", flush=True)
-        rows.append(measure("gen-0000", base, held, args.threads, work, {"plan": "unpruned"}))
+        rows.append(measure("gen-0000", base, held, args.threads, work, {"plan": "unpruned"}, dtypes,
+                            max_tokens=max_tokens))
+        scored = importance_of(base, data, seq)
         keeps = [(0.6, False)] if args.quick else [(0.8, False), (0.6, False), (0.6, True), (0.4, False)]
         for keep, trim in keeps:
             name = f"keep-{keep}" + ("+vocab" if trim else "")
             print(name, flush=True)
-            info = reduced(base, keep, data, seq, work / name, trim=trim, choose=not args.quick)
-            rows.append(measure(name, work / name, held, args.threads, work, {"keep": keep, **info},
-                                hf_dtypes=("float32",) if args.quick else ("float32", "bfloat16")))
-        # What rounding the MLP width to 32 instead of 8 costs (keep 0.6, width only).
+            info = reduced(scored, keep, data, seq, work / name, trim=trim, choose=not args.quick)
+            rows.append(measure(name, work / name, held, args.threads, work, {"keep": keep, **info}, dtypes,
+                                max_tokens=max_tokens))
+        # What rounding the MLP width to 32 instead of 8 costs (keep 0.6, width only, the same importance).
         for m in (8, 32):
             name = f"keep-0.6-width{m}"
             print(name, flush=True)
-            info = reduced(base, 0.6, data, seq, work / name, multiple=m, choose=False)
-            r = measure(name, work / name, held, args.threads, work, info, hf_dtypes=())
+            info = reduced(scored, 0.6, data, seq, work / name, multiple=m, choose=False)
+            r = measure(name, work / name, held, args.threads, work, info, hf_dtypes=(), types=("q8_0",),
+                        max_tokens=max_tokens)
             multiple[m] = {"plan": info["plan"], "n_params": info["n_params"],
-                           "ppl_fp32": r["gguf"]["f16"]["ppl_reference"], "q8_0_bytes": r["gguf"]["q8_0"]["bytes"],
+                           "ppl_fp32": r["gguf"]["q8_0"]["ppl_reference"], "ppl_q8_0": r["gguf"]["q8_0"]["ppl_gguf"],
+                           "q8_0_bytes": r["gguf"]["q8_0"]["bytes"],
                            "q8_0_fallback_tensors": r["gguf"]["q8_0"]["fallback_tensors"],
                            "q8_0_generation_tokens_per_s": r["gguf"]["q8_0"]["generation_tokens_per_s"]}
     g0 = rows[0]
