@@ -37,6 +37,7 @@ MAX_TOKENS = 512
 BATCH = 64  # interactions per POST /v1/interactions (the API takes up to 1000 and 1 MiB)
 SERVED_KEEP = 10_000  # completions kept open to feedback, the oldest dropped first
 SERVED_TTL_S = 3600
+MAX_MODEL_BYTES = 16 << 30  # a listed file larger than this is not downloaded
 _FILE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
 
 
@@ -79,14 +80,17 @@ class Upstream:
         with self._open(f"/v1/exports/{self.lineage}") as r:
             return json.loads(r.read(MAX_BODY)).get("data", [])
 
-    def download(self, name: str, etag: str | None, dest: Path, sha256: str) -> bool:
+    def download(self, name: str, etag: str | None, dest: Path, sha256: str, size: int) -> bool:
         """The file into ``dest`` (whole and checked, or not at all); False when the ETag still matches."""
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
         try:
             with self._open(f"/v1/exports/{self.lineage}/{name}", headers={"If-None-Match": f'"{etag}"'} if etag else {}) as r, \
                     open(tmp, "wb") as f:
-                digest = hashlib.sha256()
+                digest, got = hashlib.sha256(), 0
                 while chunk := r.read(1 << 20):
+                    got += len(chunk)
+                    if got > size:
+                        raise OSError(f"{name}: the download is larger than the listed {size} bytes")
                     digest.update(chunk)
                     f.write(chunk)
                 f.flush()
@@ -170,11 +174,10 @@ class EdgeNode:
 
     # -- models ----------------------------------------------------------------------------------
     def _load(self, path: Path, entry: dict) -> None:
-        from learners.export_check import load_llama
-
+        from gguf import GGUFReader
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        from gguf import GGUFReader
+        from learners.export_check import load_llama
 
         trained_ctx = int(GGUFReader(str(path)).fields["llama.context_length"].contents())
         llm = load_llama(path, n_ctx=min(self.n_ctx, trained_ctx), n_threads=self.threads, logits_all=False)
@@ -193,10 +196,13 @@ class EdgeNode:
         if not entries:
             return False
         entry = entries[0]
-        if entry.get("sha256") == self.current.get("sha256") or not _FILE_RE.match(str(entry.get("file"))):
+        if entry.get("sha256") == self.current.get("sha256"):
             return False
+        if not _FILE_RE.match(str(entry.get("file"))) or not 0 < int(entry.get("bytes") or 0) <= MAX_MODEL_BYTES:
+            raise ValueError(f"refusing the listed export {str(entry)[:200]}: bad file name or size")
         dest = self.home / "models" / entry["file"]
-        if not self.upstream.download(entry["file"], self.current.get("sha256"), dest, entry["sha256"]):
+        if not self.upstream.download(entry["file"], self.current.get("sha256"), dest, entry["sha256"],
+                                      int(entry["bytes"])):
             return False
         self.downloads += 1
         old = self.home / "models" / self.current["file"] if self.current else None
