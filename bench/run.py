@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import adaptation, chaos, continual, crash, reduction, serving, specialists, throughput, vocab
+from bench import adaptation, chaos, continual, crash, edge, reduction, serving, specialists, throughput, vocab
 
 
 def main(argv: list[str]) -> int:
     quick = ["--quick"] if "--quick" in argv else []
     return (continual.main(quick) or reduction.main(quick) or crash.main(quick) or throughput.main(quick)
             or adaptation.main(quick) or specialists.main(quick) or vocab.main(quick) or chaos.main(quick)
-            or serving.main(quick))
+            or serving.main(quick) or edge.main(quick))
 
 
 if __name__ == "__main__":

@@ -464,10 +464,48 @@ def cmd_fork(args, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args, settings: Settings) -> int:
+    from learners.export import FORMATS, TYPES, ExportError, export_gguf, file_name
+
+    if args.format not in FORMATS:
+        raise CliError(f"unsupported export format {args.format!r} (supported: {', '.join(FORMATS)})")
+    if args.type not in TYPES:
+        raise CliError(f"unsupported GGUF type {args.type!r} (supported: {', '.join(TYPES)})")
+    gen_dir = Registry(settings.registry_root).resolve_generation(args.generation)
+    lineage, _, gen = args.generation.partition("/")
+    out = Path(args.out) if args.out else Path(file_name(lineage, gen, args.type))
+    if out.is_dir():
+        raise CliError(f"{out} is a directory; --out names the file to write")
+    try:
+        rec = export_gguf(gen_dir, out, args.type, name=args.generation)
+    except ExportError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(rec.to_json()))
+    else:
+        note = f"; {len(rec.fallback)} tensors kept in f16 (rows not a multiple of 32)" if rec.fallback else ""
+        print(f"wrote {rec.path} ({rec.type}, {rec.bytes:,} bytes, sha256 {rec.sha256}){note}")
+    return 0
+
+
 def cmd_serve(args, settings: Settings) -> int:
     from daemon.serving.runner import serve_forever
 
     return serve_forever(settings)
+
+
+def cmd_edge(args, settings: Settings) -> int:
+    from daemon.edge import run_edge
+    from daemon.registry import check_lineage
+    from learners.export import TYPES
+
+    check_lineage(args.lineage)
+    if args.type not in TYPES:
+        raise CliError(f"unsupported GGUF type {args.type!r} (supported: {', '.join(TYPES)})")
+    if not args.api.startswith(("http://", "https://")):
+        raise CliError(f"--api must be an http:// or https:// URL (got {args.api!r})")
+    return run_edge(args.api, args.lineage, args.type, Path(args.home), args.host, args.port,
+                    args.api_key or os.environ.get("CASCADE_EDGE_API_KEY"), args.threads, args.poll, args.flush)
 
 
 def cmd_demo(args, settings: Settings) -> int:
@@ -526,8 +564,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="source", required=True)
     s.add_argument("--to", required=True)
     s.set_defaults(fn=cmd_fork)
+    s = sub.add_parser("export", help="write a generation as one GGUF file for llama.cpp")
+    s.add_argument("generation", metavar="LINEAGE/gen-NNNN")
+    s.add_argument("--format", default="gguf", help="gguf")
+    s.add_argument("--type", default="q8_0", help="f16, q8_0 (default), bf16, f32 or q4_0")
+    s.add_argument("--out", metavar="FILE", help="default: ./<lineage>-gen-NNNN.<type>.gguf")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_export)
     s = sub.add_parser("serve", help="the OpenAI-compatible API alone (no learning), following the registry")
     s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("edge", help="a small device: the lineage's GGUF export in llama.cpp, feedback sent back")
+    s.add_argument("--api", required=True, metavar="URL", help="the daemon's serving API, e.g. http://host:8000")
+    s.add_argument("--lineage", default="main")
+    s.add_argument("--type", default="q8_0", help="which export to follow (default q8_0)")
+    s.add_argument("--home", default=".cascade-edge", help="models and the outbox (default ./.cascade-edge)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--threads", type=positive_int, default=2, help="llama.cpp threads")
+    s.add_argument("--poll", type=positive_float, default=30.0, metavar="S", help="seconds between export checks")
+    s.add_argument("--flush", type=positive_float, default=5.0, metavar="S", help="seconds between sends")
+    s.add_argument("--api-key", help="bearer token for the daemon's API (also CASCADE_EDGE_API_KEY)")
+    s.set_defaults(fn=cmd_edge)
     for name in ("pause", "resume"):
         s = sub.add_parser(name, help=f"{name} learning in the running daemon")
         s.set_defaults(fn=cmd_simple_control)
@@ -538,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        setup_logging(settings, logging.INFO if args.cmd in ("run", "demo", "serve") else logging.WARNING)
+        setup_logging(settings, logging.INFO if args.cmd in ("run", "demo", "serve", "edge") else logging.WARNING)
         return args.fn(args, settings)
     except (SettingsError, CliError, RegistryError, StartupError) as e:
         print(f"cascade: {e}", file=sys.stderr)

@@ -217,6 +217,11 @@ class Settings(BaseSettings):
     serve_cache_models: int = Field(4, ge=1, le=64, description="model versions (and generations) each replica "
                                     "keeps loaded", json_schema_extra={"group": "tuning"})
 
+    # -- exports (edge) --------------------------------------------------------------------------
+    export: str = Field("", description="files each promoted generation is also exported as, into "
+                        "<lineage>/gen-NNNN/export/, e.g. 'gguf:q8_0,gguf:f16' (types: f16, q8_0, bf16, f32, q4_0); "
+                        "empty = none", json_schema_extra={"group": "essential"})
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
@@ -270,6 +275,13 @@ class Settings(BaseSettings):
 
         parse_phases(v)
         return v
+
+    @field_validator("export")
+    @classmethod
+    def _export(cls, v: str) -> str:
+        from learners.export import parse_targets
+
+        return ",".join(f"{fmt}:{typ}" for fmt, typ in parse_targets(v))
 
     @field_validator("device")
     @classmethod
@@ -371,6 +383,11 @@ class Settings(BaseSettings):
         from policies.adaptation import MetaInitPolicy
 
         return MetaInitPolicy(enabled=self.meta_init)
+
+    def export_targets(self) -> list[tuple[str, str]]:
+        from learners.export import parse_targets
+
+        return parse_targets(self.export)
 
     def reduction_policy(self) -> ReductionPolicy:
         return ReductionPolicy(every=self.reduce_every, keep=self.reduce_keep, budget=self.reduce_budget)

@@ -38,6 +38,7 @@ from daemon.registry import LineageDir, Registry, atomic_write_json, generation_
 from daemon.reports import LearnReport, ReductionReport
 from daemon.schema import Interaction
 from learners.data import Example, chunks
+from learners.export import export_generation
 from learners.meta import ReptileConfig, reptile
 from learners.reduce import ReductionData, reduce
 from learners.reduction import count_parameters, merge_adapter
@@ -451,6 +452,7 @@ class LineageWorker:
         try:
             out.model.save_pretrained(str(staging), safe_serialization=True)
             out.tokenizer.save_pretrained(str(staging))
+            card["exports"], export_failures = self._export(staging, gen)
             self.dir.publish_generation(staging, gen, card)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -466,7 +468,19 @@ class LineageWorker:
         self.checkpoint()
         log.info("lineage %s: promoted %s (%d -> %d parameters)", self.lineage, gen, n_before, n_after)
         return ReductionReport(self.lineage, "promoted", gen, parent, n_before, n_after, time.perf_counter() - t0,
-                               card=card)
+                               card=card, export_failures=export_failures)
+
+    def _export(self, staging: Path, gen: str) -> tuple[list[dict], list[str]]:
+        """CASCADE_EXPORT's files of the generation being built, inside it (so they are published with it):
+        the card's ``exports`` and one sentence per failure. A failure never stops the promotion."""
+        targets = self.s.export_targets()
+        if not targets:
+            return [], []
+        records, failures = export_generation(staging, self.lineage, gen, targets)
+        for f in failures:
+            log.error("lineage %s: exporting %s failed (the generation is promoted without it): %s",
+                      self.lineage, gen, f)
+        return [r.to_json() for r in records], failures
 
     def _reload_after_reduction(self) -> None:
         """The merge consumed the in-memory model: load the current generation and live adapter."""

@@ -78,6 +78,8 @@ class Metrics:
                                   ["lineage", "outcome"], registry=r)
         self.reduction_seconds = Histogram("cascade_reduction_seconds", "Seconds per reduction",
                                            buckets=SECONDS_BUCKETS, registry=r)
+        self.exports = Counter("cascade_exports", "Exports of promoted generations (CASCADE_EXPORT), by outcome "
+                               "(ok, failed)", ["lineage", "outcome"], registry=r)
         self.ingest_to_learn = Histogram("cascade_ingest_to_learn_seconds",
                                          "Seconds from XADD to acknowledgement after learning",
                                          buckets=SECONDS_BUCKETS, registry=r)

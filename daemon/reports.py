@@ -53,3 +53,4 @@ class ReductionReport:
     seconds: float
     card: dict | None = None
     detail: str = ""
+    export_failures: list[str] = field(default_factory=list)  # one sentence per CASCADE_EXPORT target that failed

@@ -527,6 +527,8 @@ class Daemon:
         self.metrics.reductions.labels(rep.lineage, rep.outcome).inc()
         self.metrics.reduction_seconds.observe(rep.seconds)
         if rep.outcome == "promoted":
+            self.metrics.exports.labels(rep.lineage, "ok").inc(len(rep.card.get("exports", [])))
+            self.metrics.exports.labels(rep.lineage, "failed").inc(len(rep.export_failures))
             self._promote(rep)
         else:
             log.warning("lineage %s: reduction %s: %s", rep.lineage, rep.outcome, rep.detail[:500])
@@ -538,7 +540,8 @@ class Daemon:
         try:
             self.redis.xadd(self.s.generations_stream, {
                 "lineage": rep.lineage, "generation": rep.generation, "path": str(path.resolve()),
-                "parent": rep.card["parent"] or "", "n_params": rep.n_params_after, "card": json.dumps(rep.card)})
+                "parent": rep.card["parent"] or "", "n_params": rep.n_params_after, "card": json.dumps(rep.card),
+                "exports": json.dumps(rep.card.get("exports", []))})
         except redis.RedisError as e:  # the generation is promoted on disk either way
             log.error("announcing %s/%s on %s failed: %s", rep.lineage, rep.generation, self.s.generations_stream, e)
         self._refresh_lineage_gauges(rep.lineage)

@@ -14,7 +14,7 @@ from learners.reduce import ReductionData, Switches, reduce
 from learners.reduction import (MergeError, activation_importance, count_parameters, heal, kept_blocks,
                                 magnitude_importance, merge_adapter, prune, random_importance, reconstruct)
 from learners.update import ContinualLearner, UpdateConfig, evaluate_loss, load_causal_lm
-from policies.reduction import ModelShape, ReductionPolicy, plan_candidates, plan_reduction
+from policies.reduction import WIDTH_MULTIPLE, ModelShape, ReductionPolicy, plan_candidates, plan_reduction
 
 DATA = [Example(id=str(i), prompt=f"Line {i}:", response=f" the value {i % 5} is stored.") for i in range(24)]
 
@@ -62,7 +62,7 @@ def test_pruned_model_reloads_with_identical_logits_and_planned_size(tiny_model,
     small = prune(model, imp, plan.intermediate)
     assert count_parameters(small) == plan.n_params_after
     # Within rounding of the requested share of non-embedding parameters.
-    per_neuron_share = 3 * shape.hidden * shape.layers * 8 / shape.non_embedding()
+    per_neuron_share = 3 * shape.hidden * shape.layers * WIDTH_MULTIPLE / shape.non_embedding()
     assert abs(plan.keep_achieved - 0.6) <= per_neuron_share
     small.save_pretrained(tmp_path / "g", safe_serialization=True)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32)
@@ -224,9 +224,9 @@ def test_candidate_allocations_spend_the_same_budget_differently(tiny_model):
     plans = plan_candidates(smol, 0.6)
     labels = {(p.intermediate < 1536, p.kv_heads < 3, p.layers < 30) for p in plans}
     assert {(True, False, False), (True, True, False), (True, False, True)} <= labels
-    step = 3 * 576 * 30 * 8 / smol.non_embedding()  # one rounding step of the MLP width
+    step = 3 * 576 * 30 * WIDTH_MULTIPLE / smol.non_embedding()  # one rounding step of the MLP width
     for p in plans:
-        assert abs(p.keep_achieved - 0.6) <= step and p.heads == 3 * p.kv_heads
+        assert abs(p.keep_achieved - 0.6) <= step and p.heads == 3 * p.kv_heads and p.intermediate % 32 == 0
     tiny = ModelShape.of(AutoConfig.from_pretrained(tiny_model))
     for p in plan_candidates(tiny, 0.7):
         assert p.layers >= 1 and p.kv_heads >= 1 and 8 <= p.intermediate <= tiny.intermediate
