@@ -8,7 +8,8 @@ at a time at random moments:
 * ``kill_learner`` / ``kill_ingest``: SIGKILL of that actor's worker process (its pid from ``/healthz``);
 * ``redis_outage``: the bench's own redis-server stopped (SIGTERM or SIGKILL) for 5-30 s, then started again
   on its append-only file (``appendfsync always``: it comes back with its data);
-* ``redis_during_startup``: the daemon killed, then Redis stopped a random 0-8 s into the next start-up;
+* ``redis_during_startup``: the daemon killed, and Redis stopped before its next start-up (every other
+  time) or a random 0-8 s into it;
 * ``kill_learner_mid_reduction``: a ``reduce`` command, then the learner killed 0-3 s after it began.
 
 A supervisor thread restarts the daemon ``--restart-sec`` after any exit that is not 0, exactly as
@@ -266,6 +267,7 @@ class Chaos:
         self.daemon = Supervised(env, work, restart_sec)
         self.producer = Producer(self.redis.url, rate, hostile, seed)
         self.records: list[dict] = []
+        self.startup_faults = 0
         self.samples: list[tuple[float, int, int]] = []  # (seconds, backlog, checkpoint step)
         self.t0 = time.monotonic()
 
@@ -311,8 +313,14 @@ class Chaos:
         if fault == "redis_outage":
             return self._outage()
         if fault == "redis_during_startup":
+            # Every other time Redis is already away when the daemon starts again (its start-up waits for it);
+            # otherwise it goes away 0-8 s into the start-up (while Ray starts, while the actors are made).
+            self.startup_faults += 1
+            before = self.startup_faults % 2 == 1
             starts = self.daemon.starts
             self.daemon.kill()
+            if before:
+                return "daemon killed, then before its restart: " + self._outage()
             deadline = time.monotonic() + 120
             while self.daemon.starts == starts and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -489,7 +497,7 @@ def environment() -> dict:
             "packages": {p: version(p) for p in ("ray", "redis", "torch", "transformers", "peft")},
             "redis_server": next((w[2:] for w in redis_server if w.startswith("v=")), "?"),
             "device": "cpu", "cpus": os.cpu_count(), "python": platform.python_version(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -543,6 +551,7 @@ def main(argv=None) -> int:
     from bench.common import RESULTS
     from tests.tiny import build_tiny_llama, save_tokenizer
 
+    env = environment()  # the commit and tree the run starts from
     work = Path(tempfile.mkdtemp(prefix="cascade-chaos-"))
     base = build_tiny_llama(work / "tiny", save_tokenizer(work / "tok"))
     if args.quick:
@@ -550,7 +559,7 @@ def main(argv=None) -> int:
                   faults=random.Random(args.seed).sample(FAULTS, len(FAULTS)), gap_s=(3.0, 8.0), outage_s=(5.0, 8.0))
     else:
         res = run(base, work, args.minutes, args.rate, args.hostile, args.seed, restart_sec=args.restart_sec)
-    res = {"environment": environment(), "work": str(work), **res}
+    res = {"environment": env, "work": str(work), **res}
     name = "chaos-quick" if args.quick else "chaos"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
