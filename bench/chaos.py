@@ -401,10 +401,12 @@ class Chaos:
                 fault = bag.pop()
             at = time.monotonic() - self.t0
             detail = self.inject(fault)
+            injected = time.monotonic() - self.t0 - at  # e.g. Redis away that long
             step = checkpoint_step(self.home)
             took = self.wait(lambda: self.recovered(step), self.recover_timeout_s)
-            self.records.append({"fault": fault, "at_s": round(at, 1), "detail": detail,
-                                 "recovered": took is not None, "recover_s": None if took is None else round(took, 1)})
+            self.records.append({"fault": fault, "at_s": round(at, 1), "injected_s": round(injected, 1),
+                                 "detail": detail, "recovered": took is not None,
+                                 "recover_s": None if took is None else round(took, 1)})
             print(f"[chaos {at:7.1f}s] {fault}: {detail}; "
                   f"{'recovered in %.1f s' % took if took is not None else 'NOT recovered'}", flush=True)
         self.producer.stop()
@@ -496,7 +498,7 @@ def environment() -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
             "packages": {p: version(p) for p in ("ray", "redis", "torch", "transformers", "peft")},
             "redis_server": next((w[2:] for w in redis_server if w.startswith("v=")), "?"),
-            "device": "cpu", "cpus": os.cpu_count(), "python": platform.python_version(),
+            "device": "cpu", "cpus": os.cpu_count(), "learner_threads": os.cpu_count(), "python": platform.python_version(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -510,9 +512,10 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4))
     ax.plot(t, [s[1] if s[1] >= 0 else float("nan") for s in res["samples"]], lw=1, label="backlog (lag + pending)")
     colors = dict(zip(FAULTS, plt.cm.tab10.colors))
-    for f in res["faults"]:
-        x = f["at_s"] / 60
-        ax.axvspan(x, x + (f["recover_s"] or 0) / 60, color=colors[f["fault"]], alpha=0.35, lw=0)
+    for f in res["faults"]:  # the fault itself hatched, then the time to recover
+        x, dx = f["at_s"] / 60, f.get("injected_s", 0) / 60
+        ax.axvspan(x, x + dx, color=colors[f["fault"]], alpha=0.2, lw=0, hatch="//")
+        ax.axvspan(x + dx, x + dx + (f["recover_s"] or 0) / 60, color=colors[f["fault"]], alpha=0.45, lw=0)
     for kind, c in colors.items():
         ax.plot([], [], color=c, lw=6, alpha=0.5, label=kind)
     ax.set_xlabel("minutes")
