@@ -498,7 +498,8 @@ def environment() -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
             "packages": {p: version(p) for p in ("ray", "redis", "torch", "transformers", "peft")},
             "redis_server": next((w[2:] for w in redis_server if w.startswith("v=")), "?"),
-            "device": "cpu", "cpus": os.cpu_count(), "learner_threads": os.cpu_count(), "python": platform.python_version(),
+            "device": "cpu", "cpus": os.cpu_count(), "learner_threads": os.cpu_count(),
+            "python": platform.python_version(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
