@@ -8,7 +8,8 @@ at a time at random moments:
 * ``kill_learner`` / ``kill_ingest``: SIGKILL of that actor's worker process (its pid from ``/healthz``);
 * ``redis_outage``: the bench's own redis-server stopped (SIGTERM or SIGKILL) for 5-30 s, then started again
   on its append-only file (``appendfsync always``: it comes back with its data);
-* ``redis_during_startup``: the daemon killed, then Redis stopped a random 0-8 s into the next start-up;
+* ``redis_during_startup``: the daemon killed, and Redis stopped before its next start-up (every other
+  time) or a random 0-8 s into it;
 * ``kill_learner_mid_reduction``: a ``reduce`` command, then the learner killed 0-3 s after it began.
 
 A supervisor thread restarts the daemon ``--restart-sec`` after any exit that is not 0, exactly as
@@ -266,6 +267,7 @@ class Chaos:
         self.daemon = Supervised(env, work, restart_sec)
         self.producer = Producer(self.redis.url, rate, hostile, seed)
         self.records: list[dict] = []
+        self.startup_faults = 0
         self.samples: list[tuple[float, int, int]] = []  # (seconds, backlog, checkpoint step)
         self.t0 = time.monotonic()
 
@@ -311,8 +313,14 @@ class Chaos:
         if fault == "redis_outage":
             return self._outage()
         if fault == "redis_during_startup":
+            # Every other time Redis is already away when the daemon starts again (its start-up waits for it);
+            # otherwise it goes away 0-8 s into the start-up (while Ray starts, while the actors are made).
+            self.startup_faults += 1
+            before = self.startup_faults % 2 == 1
             starts = self.daemon.starts
             self.daemon.kill()
+            if before:
+                return "daemon killed, then before its restart: " + self._outage()
             deadline = time.monotonic() + 120
             while self.daemon.starts == starts and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -393,10 +401,12 @@ class Chaos:
                 fault = bag.pop()
             at = time.monotonic() - self.t0
             detail = self.inject(fault)
+            injected = time.monotonic() - self.t0 - at  # e.g. Redis away that long
             step = checkpoint_step(self.home)
             took = self.wait(lambda: self.recovered(step), self.recover_timeout_s)
-            self.records.append({"fault": fault, "at_s": round(at, 1), "detail": detail,
-                                 "recovered": took is not None, "recover_s": None if took is None else round(took, 1)})
+            self.records.append({"fault": fault, "at_s": round(at, 1), "injected_s": round(injected, 1),
+                                 "detail": detail, "recovered": took is not None,
+                                 "recover_s": None if took is None else round(took, 1)})
             print(f"[chaos {at:7.1f}s] {fault}: {detail}; "
                   f"{'recovered in %.1f s' % took if took is not None else 'NOT recovered'}", flush=True)
         self.producer.stop()
@@ -488,8 +498,9 @@ def environment() -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
             "packages": {p: version(p) for p in ("ray", "redis", "torch", "transformers", "peft")},
             "redis_server": next((w[2:] for w in redis_server if w.startswith("v=")), "?"),
-            "device": "cpu", "cpus": os.cpu_count(), "python": platform.python_version(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "device": "cpu", "cpus": os.cpu_count(), "learner_threads": os.cpu_count(),
+            "python": platform.python_version(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -502,9 +513,10 @@ def plot(res: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4))
     ax.plot(t, [s[1] if s[1] >= 0 else float("nan") for s in res["samples"]], lw=1, label="backlog (lag + pending)")
     colors = dict(zip(FAULTS, plt.cm.tab10.colors))
-    for f in res["faults"]:
-        x = f["at_s"] / 60
-        ax.axvspan(x, x + (f["recover_s"] or 0) / 60, color=colors[f["fault"]], alpha=0.35, lw=0)
+    for f in res["faults"]:  # the fault itself hatched, then the time to recover
+        x, dx = f["at_s"] / 60, f.get("injected_s", 0) / 60
+        ax.axvspan(x, x + dx, color=colors[f["fault"]], alpha=0.2, lw=0, hatch="//")
+        ax.axvspan(x + dx, x + dx + (f["recover_s"] or 0) / 60, color=colors[f["fault"]], alpha=0.45, lw=0)
     for kind, c in colors.items():
         ax.plot([], [], color=c, lw=6, alpha=0.5, label=kind)
     ax.set_xlabel("minutes")
@@ -543,6 +555,7 @@ def main(argv=None) -> int:
     from bench.common import RESULTS
     from tests.tiny import build_tiny_llama, save_tokenizer
 
+    env = environment()  # the commit and tree the run starts from
     work = Path(tempfile.mkdtemp(prefix="cascade-chaos-"))
     base = build_tiny_llama(work / "tiny", save_tokenizer(work / "tok"))
     if args.quick:
@@ -550,7 +563,7 @@ def main(argv=None) -> int:
                   faults=random.Random(args.seed).sample(FAULTS, len(FAULTS)), gap_s=(3.0, 8.0), outage_s=(5.0, 8.0))
     else:
         res = run(base, work, args.minutes, args.rate, args.hostile, args.seed, restart_sec=args.restart_sec)
-    res = {"environment": environment(), "work": str(work), **res}
+    res = {"environment": env, "work": str(work), **res}
     name = "chaos-quick" if args.quick else "chaos"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")

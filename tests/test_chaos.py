@@ -20,6 +20,7 @@ def test_a_short_chaos_run_loses_nothing_and_learns_nothing_twice(tmp_path, tiny
               outage_s=(5.0, 8.0), recover_timeout_s=300)
     assert res["faults_injected"] == len(FAULTS) and res["not_recovered"] == 0, res["faults"]
     assert res["daemon_starts"] >= 3 and res["daemon_exits"].get("-9", 0) >= 2  # restarted as systemd would
+    assert res["startup_waits_logged"] >= 1  # one start-up found Redis away and waited for it
     assert res["actor_restarts_by_ray"] >= 3  # the learner twice and the ingest actor, by Ray
     assert res["published_good"] > 30 and res["published_hostile"] > 0
     assert res["lost"] == 0, res["lost_ids"]
