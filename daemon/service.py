@@ -33,7 +33,7 @@ from daemon.metrics import Metrics, MetricsServer
 from daemon.registry import GEN_RE, LINEAGE_RE, Registry, check_lineage
 from daemon.schema import Interaction
 from daemon.stream import connect, redact_url
-from daemon.supervisor import Supervisor, one_line, wait_for
+from daemon.supervisor import StartupError, Supervisor, one_line, wait_for
 
 log = logging.getLogger("cascade.daemon")
 MAX_LEARN_ATTEMPTS = 3
@@ -161,13 +161,19 @@ class Daemon:
         return self
 
     def _wait_for_redis(self) -> None:
-        """Redis down (or still loading its data) is waited out; wrong credentials are not."""
+        """Redis down (or still loading its data) is waited out; wrong credentials and an untrusted TLS
+        certificate are not (no wait makes them right): they stop the start at once, in one sentence."""
         def ping() -> None:
             try:
                 self.redis.ping()
-            except redis.AuthenticationError as e:
-                raise redis.AuthenticationError(f"Redis at {redact_url(self.redis_url)} refused the credentials "
-                                                f"in CASCADE_REDIS_URL ({e})") from None
+            except redis.AuthenticationError as e:  # a ConnectionError in redis-py: checked first
+                raise StartupError(f"Redis at {redact_url(self.redis_url)} refused the credentials in "
+                                   f"CASCADE_REDIS_URL ({e})") from None
+            except redis.ConnectionError as e:
+                if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                    raise StartupError(f"cannot reach Redis at {redact_url(self.redis_url)}: its TLS certificate "
+                                       f"is not trusted ({one_line(e)})") from None
+                raise
 
         transient = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
         wait_for(f"reach Redis at {redact_url(self.redis_url)}", ping, transient, self.deadline, self.s.startup_timeout)
