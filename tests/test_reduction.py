@@ -273,8 +273,10 @@ def test_the_reducer_backs_off_to_larger_keeps_and_gives_up_after_the_last(teach
     assert out.model is None and not out.record.passed
     assert [t.keep_target for t in out.record.tries] == [0.3, 0.4, 0.5]
     assert all(not t.passed and t.worst_ratio > 1.0 for t in out.record.tries)
+    # Larger keeps never shrink the model (on the tiny model's 128-wide MLP they may round to the same
+    # width: widths are multiples of policies.reduction.WIDTH_MULTIPLE).
     achieved = [t.keep_achieved for t in out.record.tries]
-    assert achieved == sorted(achieved) and len(set(achieved)) == 3
+    assert achieved == sorted(achieved)
 
 
 def test_data_free_scores_a_fixed_plan_and_the_heal_hook(teacher, tok):
