@@ -141,8 +141,17 @@ def test_a_learner_killed_with_sigkill_is_restarted_and_resumes_from_its_checkpo
     assert metric_value(d.metrics(), "cascade_part_up", part="learner:main") == 1
 
     os.kill(learner["pid"], signal.SIGKILL)  # the actor's worker process, as the OOM killer would
-    down = wait_for(lambda: (h := healthz(d.port)) and h["down"].get("learner:main"), "/healthz naming the learner", 60, d)
-    assert down["reason"] and down["since"].endswith("Z")
+    # Ray may bring the process back before the next health check sees it gone (on an idle machine, within
+    # the 5 s between checks): then the supervisor sees only the new incarnation. Either is a recovery.
+    def down_or_replaced():
+        h = healthz(d.port)
+        if not h:
+            return None
+        part = h["parts"]["learner:main"]
+        return h["down"].get("learner:main") or (part["up"] and part["pid"] != learner["pid"] and part)
+    seen = wait_for(down_or_replaced, "/healthz naming the learner down, or a new learner process", 60, d)
+    if not seen.get("up"):
+        assert seen["reason"] and seen["since"].endswith("Z")
     for i in range(24, 48):  # published while it is down
         r.xadd(STREAM, interaction(i))
     again = wait_for(lambda: (h := healthz(d.port)) and h["parts"]["learner:main"]["up"] and h["parts"]["learner:main"],
