@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -45,6 +44,8 @@ from collections import Counter
 from pathlib import Path
 
 import redis
+
+from bench.common import free_port
 
 STREAM, GROUP, CONTROL = "cascade:interactions", "cascade", "cascade:control"
 FAULTS = ("kill_daemon", "kill_learner", "kill_ingest", "redis_outage", "redis_during_startup",
@@ -62,17 +63,6 @@ HOSTILE = {
     "unknown_field": {"prompt": "{m}", "response": "r", "colour": "red"},
     "unknown_lineage": {"prompt": "{m}", "response": "r", "lineage": "nosuchlineage"},
 }
-
-
-def free_port() -> int:
-    for port in random.sample(range(20000, 32768), 200):  # below the ephemeral range Ray's processes use
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767")
 
 
 class RedisProcess:
