@@ -48,19 +48,21 @@ class Batcher:
     def __init__(self, max_batch: int, max_queue: int, on_batch=None) -> None:
         self.max_batch, self.max_queue, self.on_batch = max_batch, max_queue, on_batch
         self._waiting: collections.deque[Job] = collections.deque()
+        self._decoding = False  # while False, the first max_batch of _waiting are the next batch, not a queue
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="cascade-decode", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         with self._cv:
-            if len(self._waiting) >= self.max_queue:
-                raise Overloaded(f"{len(self._waiting)} requests already wait for this replica")
+            if self.queued() >= self.max_queue:
+                raise Overloaded(f"{self.queued()} requests already wait for this replica")
             self._waiting.append(job)
             self._cv.notify()
 
     def queued(self) -> int:
-        return len(self._waiting)
+        """Requests waiting for a batch to finish (those gathering for the next batch do not count)."""
+        return len(self._waiting) - (0 if self._decoding else min(len(self._waiting), self.max_batch))
 
     def _take(self) -> list[Job]:
         with self._cv:
@@ -75,22 +77,25 @@ class Batcher:
                 job = self._waiting.popleft()
                 (batch if job.loaded.version == version and len(batch) < self.max_batch else rest).append(job)
             self._waiting = rest
+            self._decoding = True
         return [j for j in batch if not j.cancelled]
 
     def _run(self) -> None:
         while True:
             batch = self._take()
-            if not batch:
-                continue
-            if self.on_batch:
-                self.on_batch(len(batch))
             try:
-                self._decode(batch)
+                if batch:
+                    if self.on_batch:
+                        self.on_batch(len(batch))
+                    self._decode(batch)
             except Exception as e:  # noqa: BLE001 - the requests fail, the replica keeps serving
                 log.exception("decoding a batch of %d failed", len(batch))
                 for job in batch:
                     if job.finish is None:
                         job.send("error", f"{type(e).__name__}: {e}")
+            finally:
+                with self._cv:
+                    self._decoding = False
 
     def _decode(self, batch: list[Job]) -> None:
         loaded = batch[0].loaded
