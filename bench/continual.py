@@ -170,13 +170,16 @@ def main(argv=None) -> int:
                     help="related: man/python/rust/c (help one another); unlike: locale/changelog/js/man (interfere)")
     ap.add_argument("--order", choices=("forward", "reverse"), default="forward", help="the order of the stages")
     ap.add_argument("--seed", type=int, default=0, help="data split, sampling and the learners' seed")
+    ap.add_argument("--per-stage", type=int, default=128,
+                    help="interactions a stage (the gate judges a source once its held-out share reaches "
+                         "CASCADE_GATE_MIN_ITEMS: about 160 at the defaults)")
     ap.add_argument("--update", action="store_true",
                     help="keep the configurations of the existing JSON that --configs does not rerun")
     args = ap.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads(open(args.table).read())))
         return 0
-    per_stage, heldout, seq = (16, 8, 96) if args.quick else (128, 16, 128)
+    per_stage, heldout, seq = (16, 8, 96) if args.quick else (args.per_stage, 16, 128)
     base_model = foundation()
     domains = SUITES[args.suite][:: 1 if args.order == "forward" else -1]
     train, held = load_data(per_stage, heldout, args.seed, domains)
@@ -197,6 +200,7 @@ def main(argv=None) -> int:
            "foundation_loss": [base[d] for d in domains], "configs": {}}
     variant = "" if (args.suite, args.order, args.seed) == ("related", "forward", 0) else \
         f"-{args.suite}-{args.order}-s{args.seed}"
+    variant += f"-n{per_stage}" if per_stage != 128 and not args.quick else ""
     suffix = variant + ("-quick" if args.quick else "")
     path = RESULTS / f"continual{suffix}.json"
     if args.update and path.exists():
