@@ -4,8 +4,9 @@ SmolLM2 foundation, side by side in one run, greedy, 32 new tokens.
 * one client after another vs bare batch 1 (target >= 0.9x the bare tokens/s);
 * 8 concurrent clients vs one bare batch of 8 (target >= 0.8x); 1/4/16 clients: aggregate tokens/s,
   p50/p95 time to first token and latency;
-* hot swap: a live checkpoint made durable under a steady load -> first response with its fingerprint (p95 <= 2 s),
-  and requests failed while swapping (target 0);
+* hot swap: a live checkpoint made durable under a steady load -> the first streamed token answered with its
+  fingerprint (p95 <= 2 s; the first whole 32-token answer is recorded beside it), and requests failed while
+  swapping (target 0);
 * learning tokens/s (the LoRA update step) while the API serves a steady load, against learning alone.
 
 ``python -m bench.serving [--quick]`` writes bench/results/serving.json and serving.png.
@@ -18,7 +19,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +26,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from bench.common import CACHE, RESULTS, foundation, write_json
+from bench.common import CACHE, RESULTS, foundation, free_port, write_json
 
 NEW_TOKENS = 32
 PROMPTS = ["Write a short story about a robot who learns to paint.", "Explain how a hash table works.",
@@ -52,12 +52,6 @@ def provenance() -> dict:
             "versions": {p: version(p) for p in ("torch", "transformers", "peft", "ray", "fastapi")},
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
             "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the bare loop -------------------------------------------------------------------------------------
@@ -167,10 +161,12 @@ def make_adapter(gen_dir: Path, dest: Path) -> None:
 
 
 def swaps(base: str, lineage_dir, adapter: Path, n: int) -> dict:
+    """Swap ``n`` times under 2 clients asking in a loop: for each, seconds from the checkpoint becoming durable
+    to the first token streamed with its fingerprint, and to the first whole answer with it."""
     from daemon.registry import atomic_write_json
 
     load = Load(base, 2)
-    times = []
+    first_tokens, first_answers = [], []
     try:
         time.sleep(3)
         for k in range(1, n + 1):
@@ -186,14 +182,17 @@ def swaps(base: str, lineage_dir, adapter: Path, n: int) -> dict:
                 if time.perf_counter() - durable > 120:
                     break
                 time.sleep(0.02)
-            first = min((r["end"] for r in list(load.results) if r["ok"] and r["fingerprint"] == want), default=None)
-            times.append(first - durable if first else None)
+            new = [r for r in list(load.results) if r["ok"] and r["fingerprint"] == want]
+            first_tokens.append(min((r["start"] + r["ttft"] - durable for r in new if r["ttft"]), default=None))
+            first_answers.append(min((r["end"] - durable for r in new), default=None))
             time.sleep(2)
     finally:
         results = load.stop()
-    got = [t for t in times if t is not None]
-    return {"swaps": n, "seconds": times, "p50": pct(got, 0.5), "p95": pct(got, 0.95), "requests": len(results),
-            "failed": sum(not r["ok"] for r in results)}
+    tok = [t for t in first_tokens if t is not None]
+    ans = [t for t in first_answers if t is not None]
+    return {"swaps": n, "seconds": first_tokens, "p50": pct(tok, 0.5), "p95": pct(tok, 0.95),
+            "answer_seconds": first_answers, "answer_p50": pct(ans, 0.5), "answer_p95": pct(ans, 0.95),
+            "requests": len(results), "failed": sum(not r["ok"] for r in results)}
 
 
 # -- learning while serving ---------------------------------------------------------------------------

@@ -42,36 +42,3 @@ def test_sampling_follows_its_seed_and_rows_stop_when_told(tmp_path, tokenizer_d
     stopped = run(model, p * 2, [Sampling(8), Sampling(8)], stop_after={0: 2})
     assert len(stopped[0]) == 2 and len(stopped[1]) == 8
 
-
-def test_a_batch_gathering_is_not_a_queue_and_only_requests_beyond_it_are_refused(tmp_path, tokenizer_dir):
-    """With 2 per batch and 2 waiting, four requests sent at once are all taken (two decode, two wait for
-    them); a fifth, sent while nothing has finished, is refused; all four taken are answered in full."""
-    import asyncio
-
-    from daemon.serving.batcher import Batcher, Job, Overloaded
-    from daemon.serving.models import Loaded, Version
-
-    path = build_tiny_llama(tmp_path / "m", tokenizer_dir, seed=5)
-    loaded = Loaded(Version("main", "gen-0000", 0, None), AutoModelForCausalLM.from_pretrained(str(path)).eval(),
-                    AutoTokenizer.from_pretrained(str(path)))
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        batcher = Batcher(max_batch=2, max_queue=2)
-        jobs = [Job(loaded, [1, 400 + i], Sampling(max_tokens=200), ["\x01"], loop) for i in range(5)]
-        for job in jobs[:4]:
-            batcher.submit(job)
-        refused = False
-        try:
-            batcher.submit(jobs[4])
-        except Overloaded:
-            refused = True
-        finishes = []
-        for job in jobs[:4]:
-            while (event := await asyncio.wait_for(job.events.get(), 120))[0] != "done":
-                pass
-            finishes.append(event[1])
-        return refused, finishes, [len(j.tokens) for j in jobs[:4]]
-
-    refused, finishes, lengths = asyncio.run(main())
-    assert refused and finishes == ["length"] * 4 and lengths == [200] * 4

@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -58,6 +59,7 @@ class CascadeAPI:
         self.ingress = Ingress(redis_url, settings.stream, settings.feedback_ttl, settings.feedback_max_items,
                                settings.max_entry_bytes)
         self.keys = settings.api_key_list()
+        threading.Thread(target=self.cache.preload_forever, name="cascade-preload", daemon=True).start()
 
     # -- plumbing ----------------------------------------------------------------------------------
     def _on_batch(self, n: int) -> None:
@@ -134,6 +136,7 @@ class CascadeAPI:
             lineage = self._lineage_label(req.model)
             try:
                 loaded = await asyncio.to_thread(self.cache.get, req.model)
+                self.cache.note(req.model)
             except UnknownModel:
                 raise APIError(404, f"the model {req.model[:200]!r} does not exist (GET /v1/models lists them)",
                                "model_not_found") from None

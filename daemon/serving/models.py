@@ -13,16 +13,24 @@ are merged into a private copy of their generation (one module per version, noth
 requests in flight keep the module they started with even after it leaves the cache. Why not Serve's model
 multiplexing: it caches per model *id* and routes by it, which is exactly the stale-weights-under-one-name
 trap; resolving to a version first and caching by version is the fix, and a small LRU per replica suffices.
+
+Preloading: a lineage name asked for in the last ``RECENT_S`` is resolved again every ``PRELOAD_S`` by the
+replica's preload thread (``preload``), and a new version is loaded then, not when the next request needs it;
+a request for the new version that arrives while it loads waits for that one load.
 """
 from __future__ import annotations
 
 import collections
 import copy
+import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.registry import GEN_RE, LINEAGE_RE, Registry, RegistryError, read_json
+
+log = logging.getLogger("cascade.serving")
 
 
 class UnknownModel(LookupError):
@@ -81,6 +89,11 @@ class Loaded:
     tokenizer: object
 
 
+PRELOAD_S = 0.25  # how often recently asked lineage names are resolved again
+RECENT_S = 600.0  # a lineage name is preloaded for this long after it was last asked for
+MAX_RECENT = 64  # names followed at most (the oldest asked is dropped)
+
+
 class ModelCache:
     """Loaded versions, least recently used evicted beyond ``capacity``; generations (the bases) beyond the
     same bound. ``get`` is thread-safe; one version is loaded once however many requests ask at once."""
@@ -91,6 +104,7 @@ class ModelCache:
         self._bases: collections.OrderedDict[Path, tuple[object, object]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[Version, threading.Lock] = {}
+        self._asked: collections.OrderedDict[str, float] = collections.OrderedDict()  # lineage name -> last asked
 
     def get(self, name: str) -> Loaded:
         for attempt in range(3):
@@ -101,6 +115,43 @@ class ModelCache:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def note(self, name: str) -> None:
+        """``name`` was answered: follow it (a lineage's live model; a generation never changes)."""
+        if "/" in name:
+            return
+        with self._lock:
+            self._asked[name] = time.monotonic()
+            self._asked.move_to_end(name)
+            while len(self._asked) > MAX_RECENT:
+                self._asked.popitem(last=False)
+
+    def preload(self) -> list[Version]:
+        """Load the version each recently asked lineage name means now, where it is not loaded yet."""
+        now = time.monotonic()
+        with self._lock:
+            names = [n for n, t in self._asked.items() if now - t < RECENT_S]
+        loaded = []
+        for name in names:
+            try:
+                version = resolve(self.registry, name)
+                with self._lock:
+                    if version in self._versions:
+                        continue
+                self._get(version)
+                loaded.append(version)
+            except (UnknownModel, OSError, ValueError):  # gone or replaced while loading: the next round sees
+                continue
+        return loaded
+
+    def preload_forever(self) -> None:
+        """The replica's preload thread (a daemon thread: it ends with the replica)."""
+        while True:
+            time.sleep(PRELOAD_S)
+            try:
+                self.preload()
+            except Exception:  # noqa: BLE001 - preloading is an optimisation; requests load what they need
+                log.exception("preloading failed")
 
     def _get(self, version: Version) -> Loaded:
         with self._lock:
