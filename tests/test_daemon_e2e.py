@@ -235,18 +235,19 @@ def test_pause_holds_learning_and_resume_releases_it(tmp_path, tiny_model, redis
     while metric_value(d.metrics(), "cascade_paused") != 1:
         assert time.monotonic() < deadline, "the daemon did not pause"
         time.sleep(0.2)
-    for i in range(30):
-        r.xadd(STREAM, interaction(i))
-    # Paused, the daemon still reads and validates (received grows) but learns and acknowledges nothing.
-    deadline = time.monotonic() + 60
-    while metric_value(d.metrics(), "cascade_interactions_received_total", 0.0, lineage="main") < 30:
-        assert time.monotonic() < deadline, "entries were not read while paused"
-        time.sleep(0.2)
-    time.sleep(2.0)  # several dispatch rounds
+    # Paused, the daemon still reads and validates (received grows) but learns and acknowledges nothing. The
+    # second batch is read by later rounds of the loop than the first: the first was held through them.
+    for batch in (range(30), range(30, 60)):
+        for i in batch:
+            r.xadd(STREAM, interaction(i))
+        deadline = time.monotonic() + 60
+        while metric_value(d.metrics(), "cascade_interactions_received_total", 0.0, lineage="main") < batch[-1] + 1:
+            assert time.monotonic() < deadline, "entries were not read while paused"
+            time.sleep(0.2)
     m = d.metrics()
     for name in ("cascade_update_steps_total", "cascade_tokens_learned_total"):
         assert f'{name}{{lineage="main"}}' not in m  # no step yet: the labelled series does not exist
-    assert r.xpending(STREAM, GROUP)["pending"] == 30
+    assert r.xpending(STREAM, GROUP)["pending"] == 60
     assert subprocess.run(cli + ["resume"], env=env, capture_output=True, timeout=60).returncode == 0
     wait_drained(r, STREAM, GROUP, proc=d)
     m = d.metrics()
