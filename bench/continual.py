@@ -186,11 +186,13 @@ def main(argv=None) -> int:
     common = {"base_model": base_model, "max_seq_len": seq, "learning_rate": LEARNING_RATE, "reduce_every": 0,
               "window_steps": 4, "metrics_port": 0, "heldout_fraction": 0.05, "seed": args.seed}
     configs = {
-        "naive": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
+        "naive": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "curation": "none",
+                  "batch_size": NEW_PER_STEP},
         "default": {**common, "batch_size": NEW_PER_STEP + REPLAYED_PER_STEP},
         "default+anchor": {**common, "batch_size": NEW_PER_STEP + REPLAYED_PER_STEP, "anchor_weight": 0.1,
                            "constraints": "replay,anchor,distill,clip"},
-        "joint": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
+        "joint": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "curation": "none",
+                  "batch_size": NEW_PER_STEP},
     }
     work = RESULTS.parent / ".work" / "continual"
     base = evaluate_foundation(base_model, held, seq)

@@ -61,11 +61,12 @@ def skip_record(it: Interaction, reason: str, detail: str) -> dict:
 
 
 def candidate(it: Interaction) -> Candidate:
-    """An interaction as curation sees it: its sources are its domain and, where it names one, its producer."""
+    """An interaction as curation sees it: its sources are its domain and, where it names one, its producer;
+    ``meta.curation`` ``off`` (what ``cascade skipped --replay`` sets) exempts it."""
     producer = it.meta.get("producer")
     sources = (("domain", it.domain),) + ((("producer", producer[:64]),) if isinstance(producer, str) and producer
                                           else ())
-    return Candidate(it.id, it.prompt, it.response, it.reward, sources)
+    return Candidate(it.id, it.prompt, it.response, it.reward, sources, exempt=it.meta.get("curation") == "off")
 
 
 def refusal(ex: Example, reason: str, detail: str) -> dict:

@@ -542,7 +542,8 @@ class Daemon:
             pipe.execute()
             return True
         except redis.RedisError as e:
-            self._set_redis(False, one_line(e))
+            if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+                self._set_redis(False, one_line(e))
             log.warning("copying %d skipped interactions to %s failed (will retry): %s", len(records),
                         self.s.skipped_stream, e)
             return False

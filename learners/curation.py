@@ -46,6 +46,7 @@ class Candidate:
     response: str
     reward: float = 1.0
     sources: tuple[tuple[str, str], ...] = ()
+    exempt: bool = False  # learned whatever curation would decide (an operator's replay: meta.curation "off")
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class Curator:
         response (nats/token), needed by the ``loss`` decision only."""
         on = set(self.cfg.decisions)
         out: list[Skip | None] = [None] * len(items)
-        judged = [i for i, c in enumerate(items) if c.reward > 0]
+        judged = [i for i, c in enumerate(items) if c.reward > 0 and not c.exempt]
         if not on or not judged:
             return out
         cap: dict[tuple[str, str], int] = {}
@@ -207,4 +208,8 @@ class Curator:
                 self.index.add(digest, m)
                 taken.update(c.sources)
             out[i] = skip
+        for c in items:
+            if c.exempt and c.reward > 0:  # learned: its copies are duplicates of it from now on
+                self.index.add(content_hash(c.prompt, c.response),
+                               self.index.minhash(c.prompt, c.response) if "near" in on else None)
         return out
