@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     domains = SUITES[args.suite][:: 1 if args.order == "forward" else -1]
     train, held = load_data(per_stage, heldout, args.seed, domains)
     common = {"base_model": base_model, "max_seq_len": seq, "learning_rate": LEARNING_RATE, "reduce_every": 0,
-              "window_steps": 4, "metrics_port": 0, "heldout_fraction": 0.05, "seed": args.seed}
+              "window_steps": 4, "metrics_port": 0, "heldout_fraction": 0.05, "seed": args.seed,
+              "curation": "none"}  # every configuration learns every interaction (bench/curation measures curation)
     configs = {
         "naive": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
         "default": {**common, "batch_size": NEW_PER_STEP + REPLAYED_PER_STEP},

@@ -23,8 +23,8 @@ from bench.common import RESULTS, commit, foundation, write_json
 from bench.continual import DOMAINS, NEW_PER_STEP, REPLAYED_PER_STEP, load_data, summarize
 
 PRESETS = {
-    "naive": {"replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
-    "joint": {"replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
+    "naive": {"replay_ratio": 0, "constraints": "none", "gate": "off", "curation": "none", "batch_size": NEW_PER_STEP},
+    "joint": {"replay_ratio": 0, "constraints": "none", "gate": "off", "curation": "none", "batch_size": NEW_PER_STEP},
     "default": {"batch_size": NEW_PER_STEP + REPLAYED_PER_STEP},
 }
 

@@ -100,8 +100,10 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
             pipe.xadd(STREAM, {"prompt": f"Item {i} has colour", "response": f" {['red', 'blue'][i % 2]}, {i % 7} kg.",
                                "id": f"item-{i}"})
         resent = rng.sample(published, min(3, len(published)))  # producers re-send a few
-        for old in resent:
-            pipe.xadd(STREAM, {"prompt": "again", "response": " again", "id": old})
+        for old in resent:  # the same fields again (different content under an old id would, with the
+            i = int(old.split("-")[1])  # original still pending after a kill, make two ids share one text)
+            pipe.xadd(STREAM, {"prompt": f"Item {i} has colour", "response": f" {['red', 'blue'][i % 2]}, {i % 7} kg.",
+                               "id": old})
         pipe.execute()
         return count + len(resent)
 

@@ -123,7 +123,7 @@ def fates(state: dict) -> dict:
     c = state.get("counters", {})
     return {"learned": c.get("interactions_learned", 0), "heldout": c.get("heldout_seen", 0),
             "deferred_waiting": state.get("deferred_waiting", 0), "deferred": c.get("deferred", 0),
-            "refused": c.get("refused", 0), "rollbacks": c.get("rollbacks", 0)}
+            "refused": c.get("refused", 0), "skipped": c.get("skipped", 0), "rollbacks": c.get("rollbacks", 0)}
 
 
 def generation_tree(registry: Registry, only: str | None = None) -> list[dict]:
@@ -185,6 +185,63 @@ def cmd_publish(args, settings: Settings) -> int:
     return 0
 
 
+REPLAY_FIELDS = ("prompt", "response", "lineage", "reward")
+
+
+def skipped_entries(r, settings: Settings, lineage: str | None, reason: str | None, count: int) -> list[dict]:
+    """The newest ``count`` entries of ``<stream>:skipped`` (oldest first), of ``lineage`` / ``reason`` if given."""
+    out: list[dict] = []
+    for eid, fields in r.xrevrange(settings.skipped_stream, count=max(count * 20, 1000) if (lineage or reason)
+                                   else count):
+        x = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
+        if (lineage and x.get("lineage") != lineage) or (reason and x.get("reason") != reason):
+            continue
+        out.append({"entry_id": eid.decode(), **x})
+        if len(out) == count:
+            break
+    return out[::-1]
+
+
+def replay_fields(x: dict) -> dict[str, str]:
+    """A skipped entry published again: a new ``id`` (the old one is in the ledger) and ``meta.curation``
+    ``off``, so it is learned whatever the curation decided."""
+    try:
+        meta = json.loads(x.get("meta") or "{}")
+    except ValueError:
+        meta = {}
+    meta = {**(meta if isinstance(meta, dict) else {}), "curation": "off"}
+    ident = "replay-" + x.get("id", x["entry_id"])
+    if len(ident) > 128:
+        import hashlib
+
+        ident = "replay-" + hashlib.blake2b(ident.encode(), digest_size=16).hexdigest()
+    return {**{k: x[k] for k in REPLAY_FIELDS if k in x}, "id": ident, "meta": json.dumps(meta)}
+
+
+def cmd_skipped(args, settings: Settings) -> int:
+    h = RedisHandle(settings)
+    try:
+        entries = skipped_entries(h.r, settings, args.lineage, args.reason, args.count)
+        if args.replay:
+            pipe = h.r.pipeline(transaction=False)
+            for x in entries:
+                pipe.xadd(settings.stream, replay_fields(x))
+            pipe.execute()
+    finally:
+        h.close()
+    if args.json:
+        print(json.dumps({"stream": settings.skipped_stream, "replayed": bool(args.replay), "entries": entries}))
+    elif args.replay:
+        print(f"published {len(entries)} skipped interactions again to {settings.stream} (curation off for them)")
+    else:
+        for x in entries:
+            text = (x.get("response", "")[:60]).replace("\n", " ")
+            print(f"{x['entry_id']}  {x.get('lineage', '')}  {x.get('reason', ''):<16} id={x.get('id', '')}  "
+                  f"{text!r}  ({x.get('detail', '')})")
+        print(f"{len(entries)} skipped entries shown from {settings.skipped_stream}")
+    return 0
+
+
 def daemon_health(settings: Settings) -> dict | None:
     """The running daemon's ``/healthz`` document (its parts, which are down and since when), or None
     when nothing answers on CASCADE_METRICS_HOST/PORT."""
@@ -232,12 +289,13 @@ def status_doc(settings: Settings, registry: Registry, r) -> dict:
     info = group_info(r, settings.stream, settings.group)
     return {"stream": settings.stream, "group": settings.group, "length": info.length, "lag": info.lag,
             "pending": info.pending, "dead_letters": r.xlen(settings.dead_stream),
+            "skipped": r.xlen(settings.skipped_stream),
             "daemon_running": running, "health": health, "lineages": lineage_rows(registry)}
 
 
 def status_lines(doc: dict) -> list[str]:
     lines = [f"stream {doc['stream']} (group {doc['group']}): length {doc['length']}  lag {doc['lag']}  "
-             f"pending {doc['pending']}  dead letters {doc['dead_letters']}  "
+             f"pending {doc['pending']}  dead letters {doc['dead_letters']}  skipped {doc.get('skipped', 0)}  "
              f"daemon {'running' if doc['daemon_running'] else 'stopped'}",
              f"{'lineage':<16}{'generation':<12}{'parameters':>14}{'steps':>9}{'learned':>10}  held-out loss"]
     for r in doc["lineages"]:
@@ -245,8 +303,8 @@ def status_lines(doc: dict) -> list[str]:
         lines.append(f"{r['lineage']:<16}{r['generation']:<12}{r['n_params']:>14,}{r['update_steps']:>9}"
                      f"{r['interactions_learned']:>10}  {ho}")
         f = r["fates"]
-        handled = max(1, f["learned"] + f["deferred_waiting"] + f["refused"])
-        shares = "  ".join(f"{k} {f[k] / handled:.0%}" for k in ("learned", "deferred_waiting", "refused"))
+        handled = max(1, f["learned"] + f["deferred_waiting"] + f["refused"] + f["skipped"])
+        shares = "  ".join(f"{k} {f[k] / handled:.0%}" for k in ("learned", "deferred_waiting", "refused", "skipped"))
         bound = r["forgetting_bound"]
         gaps = " ".join(f"{k}=+{v:.3f}" for k, v in r["source_forgetting"].items()) or "-"
         lines.append(f"{'':<16}fates: {shares.replace('deferred_waiting', 'deferred')} (rollbacks {f['rollbacks']})"
@@ -547,6 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=positive_float, metavar="S", help="seconds between refreshes (default 2)")
     s.add_argument("--count", type=positive_int, metavar="N", help="stop after N refreshes")
     s.set_defaults(fn=cmd_status)
+    s = sub.add_parser("skipped", help="what curation skipped, with the reasons (<stream>:skipped); --replay "
+                       "publishes it again to be learned")
+    s.add_argument("--lineage")
+    s.add_argument("--reason")
+    s.add_argument("--count", type=positive_int, default=50, metavar="N", help="newest N entries (default 50)")
+    s.add_argument("--replay", action="store_true", help="publish them again, with curation off for them")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_skipped)
     s = sub.add_parser("generations", help="the lineage tree")
     s.add_argument("--lineage")
     s.add_argument("--json", action="store_true")

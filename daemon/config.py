@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from learners.config import ALL_CONSTRAINTS, UpdateConfig
+from policies.curation import DECISIONS, DEFAULT_DECISIONS, parse_decisions
 from policies.reduction import ReductionPolicy
 
 _toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cascade_toml", default=None)
@@ -107,6 +108,38 @@ class Settings(BaseSettings):
                                 "(beyond it, the oldest stay in the replay store)", json_schema_extra=TUNING)
     defer_tries: int = Field(4, ge=1, le=100, description="windows a deferred interaction is tried in before it is "
                              "set aside as unlearnable", json_schema_extra=TUNING)
+
+    # -- curation: what is worth learning (policies/curation.py, docs/curation.md) -----------------
+    curation: str = Field(",".join(DEFAULT_DECISIONS), description="what each lineage skips before learning: "
+                          "'none' (everything valid is learned) or a comma list of " + ",".join(DECISIONS) + ": "
+                          "exact = the same prompt and response learned recently, near = a MinHash near-duplicate "
+                          "of recent content, junk = a response of hardly any letters or digits or looping words, "
+                          "fair = one source (meta.domain, meta.producer) over curation_fair_share of a window, "
+                          "loss = the live model's loss on the response outside [curation_loss_low, "
+                          "curation_loss_high]. The default holds only the decisions that never skip new text "
+                          "(fair and loss wait for bench/curation to choose their numbers); skipped interactions "
+                          "go to <stream>:skipped with their reason", json_schema_extra=ESSENTIAL)
+    curation_capacity: int = Field(10_000, ge=1, le=10_000_000, description="recent items per lineage the exact "
+                                   "and near-duplicate checks remember (each; the oldest forgotten first; 512 bytes "
+                                   "of MinHash an item at num_perm 128)", json_schema_extra=TUNING)
+    curation_threshold: float = Field(0.8, ge=0.3, le=1.0, description="estimated Jaccard similarity of word "
+                                      "3-gram shingles at which an interaction is a near-duplicate",
+                                      json_schema_extra=TUNING)
+    curation_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: a finer "
+                                   "similarity estimate, more time and memory per item)", json_schema_extra=TUNING)
+    curation_fair_share: float = Field(0.5, gt=0, le=1.0, description="largest share of a window one source may "
+                                       "take while other sources share the window ('fair')", json_schema_extra=TUNING)
+    curation_min_alnum: float = Field(0.25, ge=0, le=1.0, description="'junk': share of a response's visible "
+                                      "characters (from 8) that must be letters or digits", json_schema_extra=TUNING)
+    curation_max_repetition: float = Field(0.75, gt=0, le=1.0, description="'junk': largest share of repeated word "
+                                           "3-grams in a response of 16 words or more", json_schema_extra=TUNING)
+    curation_loss_low: float = Field(0.05, ge=0, description="'loss': nats/token under which a response is "
+                                     "already known (skipped as known)", json_schema_extra=TUNING)
+    curation_loss_high: float = Field(9.0, gt=0, description="'loss': nats/token over which a response is noise to "
+                                      "the model (skipped as improbable)", json_schema_extra=TUNING)
+    skipped_max_entries: int = Field(100_000, ge=1, le=100_000_000, description="entries <stream>:skipped keeps "
+                                     "(XADD MAXLEN ~), and skip records each lineage's ledger keeps",
+                                     json_schema_extra=TUNING)
 
     # -- phases and self-tuning -------------------------------------------------------------------
     phases: str = Field("", description="phases of each adapter's life, e.g. 'warmup: steps=40, modules=q_proj+v_proj, "
@@ -268,6 +301,11 @@ class Settings(BaseSettings):
         terms = sorted(set(items) - {"replay"})  # the old spelling of replay: CASCADE_REPLAY_RATIO alone decides
         return ",".join(terms) or "none"
 
+    @field_validator("curation")
+    @classmethod
+    def _curation(cls, v: str) -> str:
+        return ",".join(parse_decisions(v)) or "none"
+
     @field_validator("phases")
     @classmethod
     def _phases(cls, v: str) -> str:
@@ -329,6 +367,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _loss_band(self):
+        if self.curation_loss_low >= self.curation_loss_high:
+            raise ValueError(f"CASCADE_CURATION_LOSS_LOW/HIGH: {self.curation_loss_low:g} must be under "
+                             f"{self.curation_loss_high:g}")
+        return self
+
+    @model_validator(mode="after")
     def _base_model_exists(self):
         if self.base_model is not None and not (self.base_model / "config.json").is_file():
             raise ValueError(f"CASCADE_BASE_MODEL: {self.base_model} is not a model directory (no config.json)")
@@ -363,6 +408,22 @@ class Settings(BaseSettings):
         # Not update_config(): resolving CASCADE_DEVICE=auto loads torch, which the driver never needs.
         replay = UpdateConfig(batch_size=self.batch_size, replay_ratio=self.replay_ratio).replay_count()
         return max(1, self.batch_size - replay) * self.window_steps
+
+    @property
+    def curation_decisions(self) -> tuple[str, ...]:
+        return parse_decisions(self.curation)
+
+    def curation_config(self):
+        """The lineage's curation (``learners.curation.CurationConfig``; imports numpy and datasketch)."""
+        from learners.curation import CurationConfig
+        from policies.curation import JunkLimits
+
+        return CurationConfig(decisions=self.curation_decisions, capacity=self.curation_capacity,
+                              num_perm=self.curation_num_perm, threshold=self.curation_threshold,
+                              fair_share=self.curation_fair_share, loss_low=self.curation_loss_low,
+                              loss_high=self.curation_loss_high,
+                              junk=JunkLimits(min_alnum_share=self.curation_min_alnum,
+                                              max_repetition=self.curation_max_repetition))
 
     def phase_schedule(self):
         from policies.schedule import parse_phases
@@ -417,6 +478,10 @@ class Settings(BaseSettings):
     @property
     def dead_stream(self) -> str:
         return f"{self.stream}:dead"
+
+    @property
+    def skipped_stream(self) -> str:
+        return f"{self.stream}:skipped"
 
 
 def load_settings(config_file: str | Path | None = None, **overrides) -> Settings:

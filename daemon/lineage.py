@@ -8,13 +8,16 @@ the entry ids that may be acknowledged only after they are durable.
 An update window (one ``learn`` call) goes:
 
 1. drop ids the ledger has already handled (counted as duplicates);
-2. move a deterministic slice (``heldout_fraction``, by a hash of the id) into the per-source
+2. curation (``CASCADE_CURATION``, ``learners.curation``): interactions not worth learning (exact or near
+   duplicates of recent content, junk, a source over its share) are skipped with their reason, recorded in
+   the ledger as ``skipped`` (with their fields, for ``<stream>:skipped``) under the same checkpoint;
+3. move a deterministic slice (``heldout_fraction``, by a hash of the id) into the per-source
    held-out sets, which are never trained on (with the gate off too);
-3. ``window_steps`` optimizer steps over the rest, each batch topped up with replayed items (the worker
+4. ``window_steps`` optimizer steps over the rest, each batch topped up with replayed items (the worker
    sizes its windows: ``window_items``, sent back to the driver in every report);
-4. the gate compares held-out loss per source with the last accepted adapter; a bad window is
+5. the gate compares held-out loss per source with the last accepted adapter; a bad window is
    rolled back (its interactions are still recorded, so they are not retried forever);
-5. ledger records the ids under the next checkpoint step, the checkpoint is written and
+6. ledger records the ids under the next checkpoint step, the checkpoint is written and
    ``live`` switched to it, and only then are the entry ids returned for acknowledgement.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from daemon.config import Settings
 from daemon.registry import LineageDir, Registry, atomic_write_json, generation_card, now_rfc3339, read_json
 from daemon.reports import LearnReport, ReductionReport
 from daemon.schema import Interaction
+from learners.curation import Candidate, ContentIndex, Curator
 from learners.data import Example, chunks
 from learners.export import export_generation
 from learners.meta import ReptileConfig, reptile
@@ -48,6 +52,21 @@ from policies.gate import Measured, Protection, forgetting, judge_window, strong
 from policies.tuning import Knobs, Signal
 
 log = logging.getLogger("cascade.lineage")
+
+
+def skip_record(it: Interaction, reason: str, detail: str) -> dict:
+    """What the ledger keeps, and the driver copies to ``<stream>:skipped``, for an interaction curation skipped."""
+    return {"entry_id": it.entry_id, "id": it.id, "prompt": it.prompt, "response": it.response, "reward": it.reward,
+            "meta": it.meta, "lineage": it.lineage, "reason": reason, "detail": detail[:300], "again": False}
+
+
+def candidate(it: Interaction) -> Candidate:
+    """An interaction as curation sees it: its sources are its domain and, where it names one, its producer;
+    ``meta.curation`` ``off`` (what ``cascade skipped --replay`` sets) exempts it."""
+    producer = it.meta.get("producer")
+    sources = (("domain", it.domain),) + ((("producer", producer[:64]),) if isinstance(producer, str) and producer
+                                          else ())
+    return Candidate(it.id, it.prompt, it.response, it.reward, sources, exempt=it.meta.get("curation") == "off")
 
 
 def refusal(ex: Example, reason: str, detail: str) -> dict:
@@ -68,7 +87,7 @@ class LineageWorker:
         self.ledger.forget_after(self.step)
         self.counters = dict(state.get("counters", {}))
         for k in ("update_steps", "interactions_learned", "since_reduction", "rollbacks", "heldout_seen",
-                  "adapter_steps", "deferred", "refused"):
+                  "adapter_steps", "deferred", "refused", "skipped"):
             self.counters.setdefault(k, 0)
         self.schedule = settings.phase_schedule()
         self.tuner = settings.self_tuner()
@@ -90,6 +109,9 @@ class LineageWorker:
         if live is not None and (live / "deferred.json").is_file():
             self.deferred = DeferredQueue.from_json(read_json(live / "deferred.json"), settings.defer_capacity,
                                                     settings.defer_tries)
+        self.curator = Curator(settings.curation_config())
+        self._reload_curation()
+        self._skipped: list[dict] = []  # this window's skip records, written to the ledger with its outcomes
         self.recent: collections.deque[Example] = collections.deque(maxlen=settings.calibration_items)
         self._item_losses: dict[str, tuple[list[float], list[int]]] = {}
         self._heldout_dirty = True
@@ -170,21 +192,42 @@ class LineageWorker:
         return self.new_per_step() * self.s.window_steps
 
     def learn(self, interactions: Sequence[Interaction]) -> LearnReport:
+        try:
+            return self._learn(interactions)
+        except BaseException:
+            # Nothing of this window became durable; the driver sends it again. The curation index took in
+            # what this window would have learned: back to the checkpoint's, or the retry would find every
+            # interaction a duplicate of itself.
+            self._skipped = []
+            self._reload_curation()
+            raise
+
+    def _reload_curation(self) -> None:
+        cfg, live = self.curator.cfg, self.dir.live_target()
+        self.curator.index = (ContentIndex.load(live, cfg.capacity, cfg.num_perm, cfg.threshold) if live is not None
+                              else ContentIndex(cfg.capacity, cfg.num_perm, cfg.threshold))
+
+    def _learn(self, interactions: Sequence[Interaction]) -> LearnReport:
         t0 = time.perf_counter()
         rep = LearnReport(lineage=self.lineage, ack=[i.entry_id for i in interactions], received=len(interactions))
         seen = self.ledger.seen(i.id for i in interactions)
         fresh: list[Interaction] = []
+        redelivered: dict[str, str] = {}
         for it in interactions:
             if it.id in seen:
                 rep.duplicates += 1
+                redelivered[it.id] = it.entry_id
             else:
                 seen.add(it.id)
                 fresh.append(it)
+        if redelivered:
+            rep.skipped += self._skipped_again(redelivered)
         if not fresh:
             return self._finish(rep, t0)
 
         train: list[Example] = []
         outcomes: list[tuple[str, str]] = []
+        fresh = self._curate(fresh, rep, outcomes)
         for it in fresh:
             ex = it.example()
             if self._is_heldout(ex):  # with the gate off too: the reduction judges itself on these
@@ -230,9 +273,43 @@ class LineageWorker:
                     log.info("lineage %s: self-tuning %s %.4g -> %.4g: %s", self.lineage, c.knob, c.old, c.new, c.reason)
         self.counters["deferred"] += rep.deferred
         self.counters["refused"] += len(rep.refused)
+        self.counters["skipped"] += len(self._skipped)
         self.last_entry_id = interactions[-1].entry_id
         self.checkpoint(outcomes)
         return self._finish(rep, t0)
+
+    def _curate(self, fresh: list[Interaction], rep: LearnReport, outcomes: list[tuple[str, str]]) -> list[Interaction]:
+        """The interactions of ``fresh`` worth learning; the others go into ``rep.skipped`` and ``outcomes``
+        (``skipped``), their records into the ledger with the checkpoint (:meth:`checkpoint`)."""
+        self._skipped = []
+        if not self.curator.enabled:
+            return fresh
+        losses = self._response_losses(fresh) if "loss" in self.curator.cfg.decisions else None
+        kept = []
+        for it, skip in zip(fresh, self.curator.curate([candidate(it) for it in fresh], losses)):
+            if skip is None:
+                kept.append(it)
+                continue
+            self._skipped.append(skip_record(it, skip.reason, skip.detail))
+            outcomes.append((it.id, "skipped"))
+        rep.skipped += self._skipped
+        return kept
+
+    def _response_losses(self, items: list[Interaction]) -> list[float]:
+        """The live model's mean loss on each response (nats/token; NaN where no token carries loss)."""
+        nll, tokens = item_losses(self.learner.model, self.tokenizer, [it.example() for it in items],
+                                  self.s.max_seq_len, self.s.batch_size, self.s.precision == "bf16")
+        return [n / t if t else math.nan for n, t in zip(nll, tokens)]
+
+    def _skipped_again(self, redelivered: dict[str, str]) -> list[dict]:
+        """Skip records of entries delivered again after a crash (the same entry id: the daemon died between
+        the skip becoming durable and its acknowledgement), so the driver copies them to ``<stream>:skipped``
+        again before acknowledging. A producer re-sending an id (another entry id) is only a duplicate."""
+        again = []
+        for x in self.ledger.skipped(redelivered):
+            if x.get("entry_id") == redelivered[x["id"]]:
+                again.append({**x, "again": True})
+        return again
 
     def _learn_window(self, rows: list[Example], rep: LearnReport):
         """Optimizer steps over ``rows`` (each batch topped up with replayed items), judged by the gate;
@@ -370,10 +447,12 @@ class LineageWorker:
         """Record ``outcomes`` under the next step, write the checkpoint, then switch ``live`` to it."""
         self.step += 1
         if outcomes:
-            self.ledger.record(outcomes, self.step)
+            self.ledger.record(outcomes, self.step, self._skipped, keep_skipped=self.s.skipped_max_entries)
+        self._skipped = []
         ckpt = self.dir.new_checkpoint_dir(self.step)
         try:
             self.learner.save(ckpt)
+            atomic_write_json(ckpt / "curation.json", self.curator.index.save(ckpt))
             atomic_write_json(ckpt / "replay.json", self.replay.to_json())
             atomic_write_json(ckpt / "heldout.json", {d: [e.to_json() for e in v] for d, v in self.heldout.items()})
             atomic_write_json(ckpt / "deferred.json", self.deferred.to_json())
@@ -409,6 +488,7 @@ class LineageWorker:
     def status(self) -> dict:
         return {"lineage": self.lineage, "generation": self.generation, "n_params": self.n_params,
                 "step": self.step, "replay_items": len(self.replay), "heldout": self.last_heldout,
+                "curation_items": len(self.curator.index),
                 **self.counters}
 
     # -- reduction -------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from daemon.schema import REASONS
-from policies.gate import FATES, REFUSAL_REASONS, SET_ASIDE_REASONS
+from policies.curation import REASONS as CURATION_REASONS
+from policies.gate import FATES as GATE_FATES
+from policies.gate import REFUSAL_REASONS, SET_ASIDE_REASONS
 
 disable_created_metrics()
 SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -24,6 +26,7 @@ REJECTION_REASONS = tuple(sorted(REASONS | {"learn_failed", "unknown_lineage"} |
 REDUCTION_OUTCOMES = ("promoted", "rejected", "failed")
 ROLLBACK_REASONS = REFUSAL_REASONS  # policies/gate.py judge_window
 ACTOR_KINDS = ("ingest", "learner")
+FATES = GATE_FATES + ("skipped",)  # skipped: by curation, before learning (policies/curation.py)
 
 
 class Metrics:
@@ -48,8 +51,12 @@ class Metrics:
         self.fate = Counter("cascade_interactions_fate", "What became of the interactions learners received: "
                             "learned, heldout, deferred (kept to be tried again), refused (set aside as harmful or "
                             "unlearnable), replayed (deferred, then moved to the replay store by the queue's "
-                            "bound), duplicate; a deferred interaction counts again when it is learned, refused or "
-                            "replayed", ["lineage", "fate"], registry=r)
+                            "bound), duplicate, skipped (by curation: see cascade_interactions_curated_total); a deferred "
+                            "interaction counts again when it is learned, refused or replayed", ["lineage", "fate"],
+                            registry=r)
+        self.curated = Counter("cascade_interactions_curated", "Interactions curation skipped before learning, by "
+                               "reason (exact_duplicate, near_duplicate, junk, flood, known, improbable); each is "
+                               "copied to <stream>:skipped", ["lineage", "reason"], registry=r)
         self.deferred_waiting = Gauge("cascade_interactions_deferred", "Deferred interactions waiting to be tried "
                                       "again", ["lineage"], registry=r)
         self.source_forgetting = Gauge("cascade_source_forgetting", "Held-out loss above the best reached, per "
@@ -110,6 +117,8 @@ class Metrics:
             self.rollbacks.labels(lineage, reason)
         for fate in FATES:
             self.fate.labels(lineage, fate)
+        for reason in CURATION_REASONS:
+            self.curated.labels(lineage, reason)
         self.deferred_waiting.labels(lineage)
 
     def render(self) -> bytes:

@@ -111,9 +111,14 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, step INTEGER NOT NULL, outcome TEXT)")
+        # What curation skipped, with its reason and fields (a bounded number, newest kept): the durable record
+        # of a skip, written in the same transaction as its outcome in ``seen``.
+        self.db.execute("CREATE TABLE IF NOT EXISTS skipped (n INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE "
+                        "NOT NULL, step INTEGER NOT NULL, reason TEXT NOT NULL, record TEXT NOT NULL)")
 
     def forget_after(self, step: int) -> int:
         """Drop ids recorded for steps that never became durable; returns how many."""
+        self.db.execute("DELETE FROM skipped WHERE step > ?", (step,))
         return self.db.execute("DELETE FROM seen WHERE step > ?", (step,)).rowcount
 
     def seen(self, ids: Iterable[str]) -> set[str]:
@@ -125,12 +130,32 @@ class Ledger:
             out.update(r[0] for r in self.db.execute(q, part))
         return out
 
-    def record(self, ids: Iterable[tuple[str, str]], step: int) -> None:
-        """Record ``(id, outcome)`` pairs as handled by checkpoint ``step``."""
+    def record(self, ids: Iterable[tuple[str, str]], step: int, skipped: Iterable[dict] = (),
+               keep_skipped: int = 100_000) -> None:
+        """Record ``(id, outcome)`` pairs as handled by checkpoint ``step``, and in the same transaction the
+        records of those curation skipped (``id``, ``reason`` and the fields; the newest ``keep_skipped`` kept)."""
+        skipped = list(skipped)
         self.db.execute("BEGIN")
         self.db.executemany("INSERT OR REPLACE INTO seen (id, step, outcome) VALUES (?, ?, ?)",
                             [(i, step, o) for i, o in ids])
+        if skipped:
+            self.db.executemany("INSERT OR REPLACE INTO skipped (id, step, reason, record) VALUES (?, ?, ?, ?)",
+                                [(x["id"], step, x["reason"], json.dumps(x)) for x in skipped])
+            self.db.execute("DELETE FROM skipped WHERE n <= (SELECT MAX(n) FROM skipped) - ?", (keep_skipped,))
         self.db.execute("COMMIT")
+
+    def skipped(self, ids: Iterable[str] | None = None, limit: int = 1000) -> list[dict]:
+        """Skip records, oldest first: of ``ids``, or the newest ``limit`` of all."""
+        if ids is None:
+            rows = self.db.execute("SELECT record FROM (SELECT n, record FROM skipped ORDER BY n DESC LIMIT ?) "
+                                   "ORDER BY n", (limit,)).fetchall()
+            return [json.loads(r[0]) for r in rows]
+        ids, out = list(ids), []
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            q = "SELECT record FROM skipped WHERE id IN (%s) ORDER BY n" % ",".join("?" * len(part))
+            out += [json.loads(r[0]) for r in self.db.execute(q, part)]
+        return out
 
     def count(self, outcome: str | None = None) -> int:
         if outcome is None:

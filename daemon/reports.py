@@ -31,6 +31,10 @@ class LearnReport:
     deferred: int = 0  # new interactions kept to be tried again (too costly now)
     refused: list[dict] = field(default_factory=list)  # set aside: id, prompt, response, reward, domain, reason, detail
     replayed: int = 0  # deferred interactions pushed out of the bounded queue into the replay store
+    # Skipped by curation (policies/curation.py), durable in the ledger: entry_id, id, prompt, response, reward,
+    # meta, lineage, reason, detail, and "again" (True: an entry redelivered after a crash, decided before and
+    # counted then; the driver copies it to <stream>:skipped again, which is why it is reported).
+    skipped: list[dict] = field(default_factory=list)
     deferred_waiting: int = 0  # deferred interactions this lineage keeps to try again
     source_forgetting: dict[str, float] = field(default_factory=dict)  # per source: held-out loss above its best
     replay_items: int = 0

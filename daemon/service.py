@@ -121,6 +121,7 @@ class Daemon:
         self.last_dispatch: dict[str, float] = {}
         self.windows: dict[str, int] = {}  # per lineage, the size its learner asked for in its last report
         self.unacked: list[str] = []  # durable but not yet acknowledged (Redis was unreachable)
+        self.uncopied: list[dict] = []  # skipped (durable in a ledger), not yet copied to <stream>:skipped
         self.paused = False
         self.redis_ok = False
         self.last_report: dict[str, dict] = {}
@@ -242,6 +243,8 @@ class Daemon:
             ready, _ = ray.wait(learn_refs, num_returns=1, timeout=1.0)
             for ref in ready:
                 self._handle(ref)
+        if self.uncopied:
+            self._flush_skipped()
         self._flush_acks()
         if ray.is_initialized():
             self.sup.remove_all()
@@ -298,6 +301,8 @@ class Daemon:
                 else:
                     self._handle(ref)
             self._dispatch(drained)
+            if self.uncopied and self.redis_ok:
+                self._flush_skipped()
             if self.unacked and self.redis_ok:
                 self._flush_acks()
             if self.embedded is not None and not self.redis_ok and self.embedded.exited():
@@ -472,7 +477,13 @@ class Daemon:
     def _on_learned(self, rep) -> None:
         m, lin = self.metrics, rep.lineage
         self.windows[lin] = rep.window
-        self.unacked.extend(rep.ack)
+        held: set[str] = set()
+        if rep.skipped and not self._copy_skipped(rep.skipped):
+            # Not acknowledged until the copy is made (retried each loop; after a crash the entries are
+            # delivered again, found skipped in the ledger and copied then).
+            self.uncopied.extend(rep.skipped)
+            held = {x["entry_id"] for x in rep.skipped}
+        self.unacked.extend(e for e in rep.ack if e not in held)
         self.holding.difference_update(rep.ack)
         self._flush_acks()
         now_ms = time.time() * 1000
@@ -493,9 +504,13 @@ class Daemon:
         m.replay_items.labels(lin).set(rep.replay_items)
         for reason in rep.rollbacks:
             m.rollbacks.labels(lin, reason).inc()
+        first = [x for x in rep.skipped if not x.get("again")]  # a skip copied again was counted when decided
         for fate, n in (("learned", rep.learned), ("heldout", rep.heldout_added), ("deferred", rep.deferred),
-                        ("refused", len(rep.refused)), ("replayed", rep.replayed), ("duplicate", rep.duplicates)):
+                        ("refused", len(rep.refused)), ("replayed", rep.replayed), ("duplicate", rep.duplicates),
+                        ("skipped", len(first))):
             m.fate.labels(lin, fate).inc(n)
+        for x in first:
+            m.curated.labels(lin, x["reason"]).inc()
         m.deferred_waiting.labels(lin).set(rep.deferred_waiting)
         for d, gap in rep.source_forgetting.items():
             m.source_forgetting.labels(lin, d).set(gap)
@@ -511,6 +526,36 @@ class Daemon:
         self.last_report[lin] = {"learned": rep.learned, "train_loss": rep.train_loss}
         if rep.reduce_due and lin not in self.reduce_requests:
             self.reduce_requests[lin] = "every"
+
+    def _copy_skipped(self, records: list[dict]) -> bool:
+        """Copy what curation skipped to ``<stream>:skipped`` (bounded: MAXLEN ~ CASCADE_SKIPPED_MAX_ENTRIES)
+        with its reason, where an operator sees it and can publish it again (``cascade skipped``). The skip
+        is already durable in the lineage's ledger; False when Redis refused the copy."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for x in records:
+                pipe.xadd(self.s.skipped_stream, {
+                    "source_id": x["entry_id"], "reason": x["reason"], "detail": x["detail"], "id": x["id"],
+                    "prompt": x["prompt"], "response": x["response"], "reward": repr(float(x["reward"])),
+                    "meta": json.dumps(x["meta"]), "lineage": x["lineage"]},
+                    maxlen=self.s.skipped_max_entries, approximate=True)
+            pipe.execute()
+            return True
+        except redis.RedisError as e:
+            if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+                self._set_redis(False, one_line(e))
+            log.warning("copying %d skipped interactions to %s failed (will retry): %s", len(records),
+                        self.s.skipped_stream, e)
+            return False
+
+    def _flush_skipped(self) -> None:
+        """Copies that failed, retried; their entries are acknowledged once they are made."""
+        records, self.uncopied = self.uncopied, []
+        if self._copy_skipped(records):
+            self.unacked.extend(x["entry_id"] for x in records)
+            self._flush_acks()
+        else:
+            self.uncopied = records + self.uncopied
 
     def _set_aside(self, lineage: str, refused: list[dict]) -> None:
         """Copy interactions the gate refused to the dead-letter stream, with the reason, where an operator

@@ -23,7 +23,7 @@ _db = itertools.count(1)
 # A new module is in the whole suite only until it is listed here.
 UNIT_MODULES = {"test_config", "test_schema", "test_replay", "test_learners", "test_reduction", "test_vocab",
                 "test_registry", "test_phases_and_tuning", "test_meta_init", "test_stream", "test_foundation",
-                "test_gate", "test_environment", "test_bench_common", "test_serving_units"}
+                "test_gate", "test_environment", "test_bench_common", "test_serving_units", "test_curation"}
 
 
 def pytest_configure(config):

@@ -55,7 +55,7 @@ def test_status_generations_eval_and_fork_offline(tmp_path, tiny_model, redis_ur
                       learning_rate=3e-3)
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
-    w.learn([Interaction(entry_id=f"{i}-0", id=str(i), prompt="Q", response=f" answer {i % 2}") for i in range(1, 25)])
+    w.learn([Interaction(entry_id=f"{i}-0", id=str(i), prompt=f"Q{i}", response=f" answer {i % 2}") for i in range(1, 25)])
     assert w.reduce().outcome == "promoted"
     w.close()
 

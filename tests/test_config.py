@@ -42,7 +42,9 @@ def test_toml_file_and_env_precedence(tmp_path, monkeypatch):
     ("CASCADE_REPLAY_RATIO", "1.5"), ("CASCADE_GATE", "maybe"), ("CASCADE_CONSTRAINTS", "replay,magic"),
     ("CASCADE_REDIS_URL", "http://x"), ("CASCADE_BATCH_SIZE", "zero"), ("CASCADE_REDUCE_KEEP", "0"),
     ("CASCADE_METRICS_PORT", "70000"), ("CASCADE_BASE_MODEL", "/nonexistent/dir"), ("CASCADE_DEVICE", "tpu"),
-    ("CASCADE_PRECISION", "fp8"), ("CASCADE_LEARNER_GPUS", "-1"),
+    ("CASCADE_PRECISION", "fp8"), ("CASCADE_LEARNER_GPUS", "-1"), ("CASCADE_CURATION", "exact,magic"),
+    ("CASCADE_CURATION_THRESHOLD", "1.5"), ("CASCADE_CURATION_FAIR_SHARE", "0"), ("CASCADE_CURATION_NUM_PERM", "4"),
+    ("CASCADE_CURATION_CAPACITY", "0"), ("CASCADE_SKIPPED_MAX_ENTRIES", "0"), ("CASCADE_CURATION_LOSS_LOW", "20"),
 ])
 def test_bad_values_fail_naming_the_setting(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

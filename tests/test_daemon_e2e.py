@@ -80,10 +80,12 @@ def test_learn_reduce_and_observe(tmp_path, tiny_model, redis_url, daemon_factor
     assert metric_value(m, "cascade_update_steps_total", lineage="main") == state["update_steps"] > 0
     # Every interaction has one fate: learned, held out, waiting (deferred), set aside, replayed or duplicate.
     fate = {f: metric_value(m, "cascade_interactions_fate_total", 0.0, lineage="main", fate=f)
-            for f in ("learned", "heldout", "deferred", "refused", "replayed", "duplicate")}
+            for f in ("learned", "heldout", "deferred", "refused", "replayed", "duplicate", "skipped")}
     waiting = metric_value(m, "cascade_interactions_deferred", lineage="main")
     assert fate["learned"] == state["interactions_learned"] and fate["heldout"] == heldout
-    assert fate["learned"] + fate["heldout"] + waiting + fate["refused"] + fate["replayed"] + fate["duplicate"] == 80
+    assert fate["skipped"] == 0  # distinct content: curation (on by default) skips none of it
+    assert (fate["learned"] + fate["heldout"] + waiting + fate["refused"] + fate["replayed"] + fate["duplicate"]
+            + fate["skipped"]) == 80
     assert metric_value(m, "cascade_ingest_to_learn_seconds_count") >= 80
     assert metric_value(m, "cascade_model_parameters", lineage="main") > 0
     for name in ("cascade_stream_lag", "cascade_stream_pending", "cascade_train_loss", "cascade_replay_items",

@@ -253,7 +253,7 @@ def _promote(home: Path, base: Path, export: str):
                       learning_rate=3e-3, export=export)
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
-    w.learn([Interaction(entry_id=f"{i}-0", id=str(i), prompt="Q", response=f" answer {i % 2}") for i in range(1, 25)])
+    w.learn([Interaction(entry_id=f"{i}-0", id=str(i), prompt=f"Q{i}", response=f" answer {i % 2}") for i in range(1, 25)])
     rep = w.reduce()
     w.close()
     return rep

@@ -139,7 +139,7 @@ def test_a_deferred_interaction_is_kept_and_learned_once_it_fits(tmp_path, tiny_
 
 def test_a_poisoned_burst_is_refused_as_harmful_and_set_aside(tmp_path, tiny_model):
     w = worker(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01,
-               constraints="none")  # the gate alone must catch it
+               constraints="none", curation="none")  # the gate alone must catch it (curation would skip it)
     first = w.learn(items(120))
     ref = {n: p.detach().clone() for n, p in w.learner.params.items()}
     rep = w.learn(poison())

@@ -67,6 +67,6 @@ def test_a_forked_lineage_starts_from_the_meta_learned_adapter_when_on(tmp_path,
         assert any(float(p.abs().max()) > 0 for p in b_weights)
     else:
         assert not made.exists() and all(float(p.abs().max()) == 0 for p in b_weights)
-    rep = niche.learn([Interaction(entry_id=f"{100 + i}-0", id=f"n{i}", prompt="Q", response=" A.") for i in range(8)])
+    rep = niche.learn([Interaction(entry_id=f"{100 + i}-0", id=f"n{i}", prompt=f"Q{i}", response=" A.") for i in range(8)])
     assert rep.learned == 8
     niche.close()

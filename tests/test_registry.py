@@ -97,7 +97,7 @@ def test_worker_resumes_from_live_and_ignores_an_unpublished_step(tmp_path, tiny
 
 def test_gate_does_not_judge_sources_with_too_few_heldout_items(tmp_path, tiny_model):
     s = settings(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01,
-                 constraints="none", gate_min_items=1000)
+                 constraints="none", gate_min_items=1000, curation="none")  # the junk must reach the gate
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
     w.learn(items(120))
@@ -106,7 +106,8 @@ def test_gate_does_not_judge_sources_with_too_few_heldout_items(tmp_path, tiny_m
 
 
 def test_naive_settings_really_switch_everything_off(tmp_path, tiny_model):
-    s = settings(tmp_path, tiny_model, learning_rate=0.05, replay_ratio=0, constraints="none", gate=False)
+    s = settings(tmp_path, tiny_model, learning_rate=0.05, replay_ratio=0, constraints="none", gate=False,
+                 curation="none")  # plain sequential LoRA: the identical junk below is learned too
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
     assert w.learner.config.replay_count() == 0 and w.learner.config.constraints == frozenset()
