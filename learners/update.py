@@ -22,7 +22,9 @@ states are taken at the positions that carry loss only (response tokens), and th
 log-softmax, the loss and its backward run over ``LOGIT_CHUNK`` of those positions at a time
 (``response_logprobs`` / the step's chunk loop): at batch 8 x 256 tokens a whole fp32 logits tensor is
 400 MB, and the loss, the teacher and their gradients held several. ``activation_checkpointing``
-recomputes each decoder layer's activations in the backward pass instead of keeping them.
+recomputes each decoder layer's activations in the backward pass instead of keeping them. Measured on
+SmolLM2-135M at the defaults (``learners/allocator.py`` has the figures): peak RSS of a step 8.6 GB before,
+3.8 GB with chunked logits and the allocator pinned, 1.6 GB with activation checkpointing as well.
 
 Reward: ``r > 0`` weights the negative log-likelihood of the response by ``r``; ``r < 0`` applies
 unlikelihood, ``-log(1 - p(token))`` weighted by ``|r|``, pushing the response's tokens down;
@@ -43,6 +45,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from learners.allocator import pin_mmap_threshold
 from learners.config import ALL_CONSTRAINTS, LORA_TARGETS, UpdateConfig  # noqa: F401  (re-exported)
 from learners.data import IGNORE, Batch, Example, autocast, chunks, collate, model_device
 
@@ -166,6 +169,7 @@ class ContinualLearner:
     def __init__(self, base_dir: str | Path, tokenizer, config: UpdateConfig,
                  adapter_dir: str | Path | None = None) -> None:
         torch.manual_seed(config.seed)
+        pin_mmap_threshold()  # a step's freed activations go back to the system (learners/allocator.py)
         self.config = config
         self.tokenizer = tokenizer
         base = load_causal_lm(base_dir)

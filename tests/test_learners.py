@@ -204,3 +204,16 @@ def test_the_chunked_loss_has_the_gradient_of_the_whole_logits_loss(tiny_model, 
     assert report.distill == pytest.approx(float(distill), rel=1e-4)
     for name, p in L.params.items():
         assert torch.allclose(p.grad, want[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_activation_checkpointing_changes_the_memory_not_the_step(tiny_model, tok):
+    def after_steps(checkpointing):
+        torch.manual_seed(0)
+        L = make(tiny_model, tok, activation_checkpointing=checkpointing)
+        reports = [L.step(DATA[:2], OTHER[:2]) for _ in range(2)]
+        return [r.loss for r in reports], {n: p.detach().clone() for n, p in L.params.items()}
+
+    losses, params = after_steps(False)
+    losses_ckpt, params_ckpt = after_steps(True)
+    assert losses_ckpt == pytest.approx(losses, rel=1e-5)
+    assert all(torch.allclose(params[n], params_ckpt[n], atol=1e-6) for n in params)
