@@ -28,6 +28,7 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     max_update_scale: float = 1.0
     bf16: bool = False
+    activation_checkpointing: bool = False  # recompute decoder activations in the backward pass (less memory)
     device: str = "cpu"  # "cpu" or "cuda[:N]"; the adapter, the frozen generation and batches all live there
     seed: int = 0
 

@@ -17,6 +17,15 @@ stay under it, while a burst whose gradients jump far beyond what the optimizer 
 Adam turns into steps of up to ~3x the learning rate per coordinate) is held to it. Which terms are on is ``constraints``; an empty set is plain
 sequential LoRA fine-tuning.
 
+Memory: the vocabulary is large (49,152 for SmolLM2), so logits are never made whole. The decoder's hidden
+states are taken at the positions that carry loss only (response tokens), and the output projection, the
+log-softmax, the loss and its backward run over ``LOGIT_CHUNK`` of those positions at a time
+(``response_logprobs`` / the step's chunk loop): at batch 8 x 256 tokens a whole fp32 logits tensor is
+400 MB, and the loss, the teacher and their gradients held several. ``activation_checkpointing``
+recomputes each decoder layer's activations in the backward pass instead of keeping them. Measured on
+SmolLM2-135M at the defaults (``learners/allocator.py`` has the figures): peak RSS of a step 8.6 GB before,
+3.8 GB with chunked logits and the allocator pinned, 1.6 GB with activation checkpointing as well.
+
 Reward: ``r > 0`` weights the negative log-likelihood of the response by ``r``; ``r < 0`` applies
 unlikelihood, ``-log(1 - p(token))`` weighted by ``|r|``, pushing the response's tokens down;
 ``r == 0`` carries no loss (the interaction is acknowledged but teaches nothing).
@@ -36,6 +45,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from learners.allocator import pin_mmap_threshold
 from learners.config import ALL_CONSTRAINTS, LORA_TARGETS, UpdateConfig  # noqa: F401  (re-exported)
 from learners.data import IGNORE, Batch, Example, autocast, chunks, collate, model_device
 
@@ -53,25 +63,51 @@ class StepReport:
     new_tokens: int  # loss-carrying tokens of the new rows only
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each next token and the mask of positions that carry loss."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
+LOGIT_CHUNK = 1 << 24  # logits elements (positions x vocabulary) made at a time: 64 MB in fp32
+
+
+def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A causal LM's decoder (hidden states) and its output projection; through a PEFT wrapper, whose LoRA
+    layers live inside the decoder."""
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
+def loss_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where loss is carried: the mask [B, T-1] over next-token positions, each such position's row [N] and
+    its target token [N] (row-major, so a row's positions are contiguous)."""
+    target = batch.labels[:, 1:]
     mask = target != IGNORE
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked, mask
+    return mask, mask.nonzero()[:, 0], target[mask]
 
 
-def example_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Per-example reward-weighted loss, [B]; each example's tokens are averaged first."""
-    picked, mask = token_logprobs(logits, batch.labels)
-    n = mask.sum(-1).clamp(min=1)
-    nll = -(picked * mask).sum(-1) / n
-    p = picked.exp().clamp(max=1 - 1e-6)
-    unlikely = -(torch.log1p(-p) * mask).sum(-1) / n
-    r = batch.rewards.to(nll.device)
-    return torch.where(r > 0, r * nll, torch.where(r < 0, -r * unlikely, torch.zeros_like(nll)))
+def chunk_slices(n: int, vocab: int) -> list[slice]:
+    size = max(1, LOGIT_CHUNK // max(1, vocab))
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def response_logprobs(model, batch: Batch, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability [N] of each loss-carrying next token and its row [N], without gradients."""
+    decoder, head = decoder_and_head(model)
+    mask, rows, target = loss_positions(batch)
+    with autocast(batch.input_ids.device, bf16):
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         use_cache=False).last_hidden_state
+    h = hidden[:, :-1][mask]
+    picked = torch.empty(len(target), device=h.device)
+    for c in chunk_slices(len(target), head.out_features):
+        with autocast(batch.input_ids.device, bf16):
+            logits = head(h[c])
+        picked[c] = torch.log_softmax(logits.float(), -1).gather(-1, target[c].unsqueeze(-1)).squeeze(-1)
+    return picked, rows
+
+
+def token_losses(logp: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """Each position's loss given its token's log-probability and its row's reward: ``r * nll`` (r > 0),
+    ``|r| * -log(1 - p)`` (r < 0), 0 (r == 0)."""
+    p = logp.exp().clamp(max=1 - 1e-6)
+    return torch.where(rewards > 0, -rewards * logp,
+                       torch.where(rewards < 0, -rewards * -torch.log1p(-p), torch.zeros_like(logp)))
 
 
 @torch.no_grad()
@@ -83,10 +119,9 @@ def _scored_rows(model, tokenizer, examples: Sequence[Example], max_seq_len: int
     try:
         for part in chunks(list(examples), batch_size):
             b = collate(tokenizer, part, max_seq_len, device)
-            with autocast(device, bf16):
-                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-            picked, mask = token_logprobs(logits, b.labels)
-            yield b.labels, -(picked * mask).sum(-1), mask.sum(-1)
+            picked, rows = response_logprobs(model, b, bf16)
+            nll = torch.zeros(len(part), device=picked.device).index_add_(0, rows, -picked)
+            yield b.labels, nll, torch.bincount(rows, minlength=len(part))
     finally:
         model.train(was_training)
 
@@ -134,9 +169,12 @@ class ContinualLearner:
     def __init__(self, base_dir: str | Path, tokenizer, config: UpdateConfig,
                  adapter_dir: str | Path | None = None) -> None:
         torch.manual_seed(config.seed)
+        pin_mmap_threshold()  # a step's freed activations go back to the system (learners/allocator.py)
         self.config = config
         self.tokenizer = tokenizer
         base = load_causal_lm(base_dir)
+        if config.activation_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if adapter_dir is not None:
             self.model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
         else:
@@ -206,33 +244,61 @@ class ContinualLearner:
         cfg = self.config
         rows = list(new) + list(replay)
         batch = collate(self.tokenizer, rows, cfg.max_seq_len, cfg.device)
+        decoder, head = decoder_and_head(self.model)
+        mask, row_of, target = loss_positions(batch)
         with autocast(cfg.device, cfg.bf16):
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        row_weight = torch.ones(len(rows), device=logits.device)
+            hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         use_cache=False).last_hidden_state
+        h = hidden[:, :-1][mask]  # [N, hidden]: the loss-carrying positions, in the graph of the decoder
+        # Each position's share of the task loss: its row's weight over the batch's, spread over the row's tokens.
+        row_weight = torch.ones(len(rows), device=h.device)
         row_weight[len(new):] = cfg.replay_weight
-        task = (example_losses(logits, batch) * row_weight).sum() / row_weight.sum().clamp(min=1e-8)
-        loss = task
+        per_row = mask.sum(1).clamp(min=1)
+        share = (row_weight / row_weight.sum().clamp(min=1e-8) / per_row)[row_of]
+        rewards = batch.rewards.to(h.device)[row_of]
 
-        anchor = torch.zeros((), device=loss.device)
-        if "anchor" in cfg.constraints and cfg.anchor_weight > 0:
-            ref = self._accepted["params"]
-            anchor = sum(((p - ref[n]) ** 2).sum() for n, p in self.params.items())
-            loss = loss + cfg.anchor_weight * anchor
-
-        distill = torch.zeros((), device=loss.device)
-        if "distill" in cfg.constraints and cfg.distill_weight > 0 and replay:
+        distilling = "distill" in cfg.constraints and cfg.distill_weight > 0 and bool(replay)
+        first_replayed = int((row_of < len(new)).sum())  # positions of replayed rows come after the new rows'
+        if distilling:
             r = slice(len(new), len(rows))
             with torch.no_grad(), self.model.disable_adapter(), autocast(cfg.device, cfg.bf16):
-                ref_logits = self.model(input_ids=batch.input_ids[r], attention_mask=batch.attention_mask[r]).logits
-            mask = (batch.labels[r, 1:] != IGNORE)
-            p_ref = torch.log_softmax(ref_logits[:, :-1].float(), -1)
-            p_cur = torch.log_softmax(logits[r, :-1].float(), -1)
-            kl = (p_ref.exp() * (p_ref - p_cur)).sum(-1)
-            distill = (kl * mask).sum() / mask.sum().clamp(min=1)
-            loss = loss + cfg.distill_weight * distill
+                ref = decoder(input_ids=batch.input_ids[r], attention_mask=batch.attention_mask[r],
+                              use_cache=False).last_hidden_state
+            ref_h = ref[:, :-1][mask[r]]  # aligned with positions first_replayed.. of h
+            n_distill = max(1, len(target) - first_replayed)
 
+        # The head, the loss and their backward, a chunk of positions at a time; the decoder's backward once.
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        h_leaf = h.detach().requires_grad_()
+        task_sum = distill_sum = 0.0
+        for c in chunk_slices(len(target), head.out_features):
+            with autocast(cfg.device, cfg.bf16):
+                logits = head(h_leaf[c])
+            logp = torch.log_softmax(logits.float(), -1)
+            picked = logp.gather(-1, target[c].unsqueeze(-1)).squeeze(-1)
+            chunk_task = (token_losses(picked, rewards[c]) * share[c]).sum()
+            chunk_loss = chunk_task
+            task_sum += float(chunk_task.detach())
+            lo = max(c.start, first_replayed)
+            if distilling and lo < c.stop:
+                with torch.no_grad(), autocast(cfg.device, cfg.bf16):
+                    ref_logp = torch.log_softmax(head(ref_h[lo - first_replayed:c.stop - first_replayed]).float(), -1)
+                kl = (ref_logp.exp() * (ref_logp - logp[lo - c.start:])).sum()
+                chunk_loss = chunk_loss + cfg.distill_weight * kl / n_distill
+                distill_sum += float(kl.detach()) / n_distill
+            chunk_loss.backward()
+        task = torch.tensor(task_sum)
+        distill = torch.tensor(distill_sum)
+        surrogate = (h * h_leaf.grad).sum() if h_leaf.grad is not None else h.sum() * 0.0
+
+        anchor = torch.zeros((), device=h.device)
+        if "anchor" in cfg.constraints and cfg.anchor_weight > 0:
+            ref_params = self._accepted["params"]
+            anchor = sum(((p - ref_params[n]) ** 2).sum() for n, p in self.params.items())
+            surrogate = surrogate + cfg.anchor_weight * anchor
+        loss = task + cfg.anchor_weight * anchor.detach() + cfg.distill_weight * distill
+
+        surrogate.backward()  # d(loss)/d(hidden) from the chunks, through the decoder and its LoRA layers
         params = [p for p in self.params.values() if p.requires_grad]
         clip = "clip" in cfg.constraints
         # clip_grad_norm_ returns the norm before clipping; with an infinite bound it only measures.

@@ -155,3 +155,65 @@ def test_saved_adapter_reloads_to_the_same_outputs(tiny_model, tok, tmp_path):
     M = ContinualLearner(tiny_model, tok, L.config, adapter_dir=tmp_path / "a")
     assert abs(M.evaluate(DATA) - L.evaluate(DATA)) < 1e-5
     assert evaluate_loss(M.model, tok, DATA, 32) == pytest.approx(M.evaluate(DATA), abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7 * 512, 1 << 24])  # a few positions at a time (the tiny vocabulary is 512), all
+def test_the_chunked_loss_has_the_gradient_of_the_whole_logits_loss(tiny_model, tok, monkeypatch, chunk):
+    """Without whole logits the step still takes the gradient of the loss written out on whole logits:
+    reward-weighted task loss (a negative reward too), replay weight and distillation on replayed rows."""
+    import learners.update as update
+
+    monkeypatch.setattr(update, "LOGIT_CHUNK", chunk)
+    new = [DATA[0], dataclasses.replace(DATA[1], reward=-0.5), dataclasses.replace(DATA[2], reward=2.0)]
+    replay = OTHER[:2]
+    kw = {"constraints": frozenset({"distill"}), "replay_weight": 0.5, "distill_weight": 0.7}
+    torch.manual_seed(0)
+    L = make(tiny_model, tok, **kw)
+    with torch.no_grad():  # a non-zero adapter, so that distillation has something to pull on
+        for p in L.params.values():
+            p.add_(0.05 * torch.randn_like(p))
+    ref_state = {n: p.detach().clone() for n, p in L.params.items()}
+
+    # The reference: the loss on whole logits, as the module's docstring writes it.
+    b = collate(tok, new + replay, 32)
+    logits = L.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+    target, mask = b.labels[:, 1:], b.labels[:, 1:] != IGNORE
+    logp = torch.log_softmax(logits, -1)
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    n = mask.sum(-1).clamp(min=1)
+    nll = -(picked * mask).sum(-1) / n
+    unlikely = -(torch.log1p(-picked.exp().clamp(max=1 - 1e-6)) * mask).sum(-1) / n
+    r = b.rewards
+    per_row = torch.where(r > 0, r * nll, torch.where(r < 0, -r * unlikely, torch.zeros_like(nll)))
+    w = torch.tensor([1.0] * len(new) + [0.5] * len(replay))
+    task = (per_row * w).sum() / w.sum()
+    with torch.no_grad(), L.model.disable_adapter():
+        ref_logp = torch.log_softmax(L.model(input_ids=b.input_ids[3:], attention_mask=b.attention_mask[3:])
+                                     .logits[:, :-1].float(), -1)
+    kl = (ref_logp.exp() * (ref_logp - logp[3:])).sum(-1)
+    distill = (kl * mask[3:]).sum() / mask[3:].sum()
+    L.optimizer.zero_grad(set_to_none=True)
+    (task + 0.7 * distill).backward()
+    want = {n: p.grad.clone() for n, p in L.params.items()}
+
+    with torch.no_grad():
+        for name, p in L.params.items():
+            p.copy_(ref_state[name])
+    report = L.step(new, replay)  # no clipping: the gradients stay on the parameters as computed
+    assert report.task_loss == pytest.approx(float(task), rel=1e-5)
+    assert report.distill == pytest.approx(float(distill), rel=1e-4)
+    for name, p in L.params.items():
+        assert torch.allclose(p.grad, want[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_activation_checkpointing_changes_the_memory_not_the_step(tiny_model, tok):
+    def after_steps(checkpointing):
+        torch.manual_seed(0)
+        L = make(tiny_model, tok, activation_checkpointing=checkpointing)
+        reports = [L.step(DATA[:2], OTHER[:2]) for _ in range(2)]
+        return [r.loss for r in reports], {n: p.detach().clone() for n, p in L.params.items()}
+
+    losses, params = after_steps(False)
+    losses_ckpt, params_ckpt = after_steps(True)
+    assert losses_ckpt == pytest.approx(losses, rel=1e-5)
+    assert all(torch.allclose(params[n], params_ckpt[n], atol=1e-6) for n in params)
