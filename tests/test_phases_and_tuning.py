@@ -151,7 +151,7 @@ def test_the_learner_follows_its_phases_and_starts_them_again_after_a_restart(tm
 def test_a_lineage_tunes_itself_after_a_rollback_and_keeps_the_tuned_values(tmp_path, tiny_model):
     s = load_settings(home=tmp_path / "home", base_model=tiny_model, batch_size=4, max_seq_len=32,
                       learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01, constraints="none",
-                      reduce_every=0, self_tuning="on", tune_lr_max=0.1)
+                      reduce_every=0, self_tuning="on", tune_lr_max=0.1, curation="none")  # the poison is junk
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
     w.learn(items(120))
