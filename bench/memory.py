@@ -9,7 +9,7 @@ takes ``--steps`` steps on full-length rows, then evaluates them once (the gate'
 * ``checkpointing`` - the same with ``CASCADE_ACTIVATION_CHECKPOINTING=on``;
 * ``unpinned``   - the defaults without the pinned threshold (what the allocator alone costs).
 
-Also recorded: the tensors the decoder's forward keeps for the backward pass (saved-tensor hooks), the
+Also recorded (after the peak is read): the tensors the decoder's forward keeps for the backward pass (saved-tensor hooks), the
 losses (equal across variants: memory, not maths). Target (issue 27): peak <= 3 GB per learner.
 
 ``python -m bench.memory [--steps N]`` writes bench/results/memory.json.
@@ -52,6 +52,17 @@ def measure(variant: str, steps: int) -> dict:
     n_replay = cfg.replay_count()
     learner = ContinualLearner(base, tok, cfg)
 
+    times, losses = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        rep = learner.step(rows[: cfg.batch_size - n_replay], rows[cfg.batch_size - n_replay:])
+        times.append(time.perf_counter() - t0)
+        losses.append(rep.loss)
+    t0 = time.perf_counter()
+    learner.evaluate(rows)
+    eval_seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Then, outside the peak: what the decoder's forward keeps for the backward pass (hooks see every save).
     saved = [0]
 
     def pack(t):
@@ -62,16 +73,8 @@ def measure(variant: str, steps: int) -> dict:
     b = collate(tok, rows, cfg.max_seq_len)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         decoder(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).last_hidden_state.sum()
-    times, losses = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        rep = learner.step(rows[: cfg.batch_size - n_replay], rows[cfg.batch_size - n_replay:])
-        times.append(time.perf_counter() - t0)
-        losses.append(rep.loss)
-    t0 = time.perf_counter()
-    learner.evaluate(rows)
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "decoder_saved_mb": saved[0] / 2**20, "step_seconds": times, "eval_seconds": time.perf_counter() - t0,
+    return {"peak_rss_mb": peak,
+            "decoder_saved_mb": saved[0] / 2**20, "step_seconds": times, "eval_seconds": eval_seconds,
             "losses": losses, "tokens_per_row": int(b.attention_mask.sum(1).max())}
 
 
