@@ -52,7 +52,7 @@ class Candidate:
 @dataclass(frozen=True)
 class CurationConfig:
     decisions: tuple[str, ...] = ("exact", "near", "junk")
-    capacity: int = 20_000  # exact hashes and MinHashes kept per lineage (each)
+    capacity: int = 10_000  # exact hashes and MinHashes kept per lineage (each; CASCADE_CURATION_CAPACITY)
     num_perm: int = 128
     threshold: float = 0.8  # estimated Jaccard similarity at which content is a near-duplicate
     fair_share: float = 0.5
