@@ -86,6 +86,13 @@ def chunk_slices(n: int, vocab: int) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
+def chunk_logp(head, h: torch.Tensor, device, bf16: bool) -> torch.Tensor:
+    """Log-softmax over the vocabulary (fp32) of the head applied to a chunk of hidden states."""
+    with autocast(device, bf16):
+        logits = head(h)
+    return torch.log_softmax(logits.float(), -1)
+
+
 def response_logprobs(model, batch: Batch, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability [N] of each loss-carrying next token and its row [N], without gradients."""
     decoder, head = decoder_and_head(model)
@@ -96,9 +103,7 @@ def response_logprobs(model, batch: Batch, bf16: bool = False) -> tuple[torch.Te
     h = hidden[:, :-1][mask]
     picked = torch.empty(len(target), device=h.device)
     for c in chunk_slices(len(target), head.out_features):
-        with autocast(batch.input_ids.device, bf16):
-            logits = head(h[c])
-        picked[c] = torch.log_softmax(logits.float(), -1).gather(-1, target[c].unsqueeze(-1)).squeeze(-1)
+        picked[c] = chunk_logp(head, h[c], batch.input_ids.device, bf16).gather(-1, target[c].unsqueeze(-1)).squeeze(-1)
     return picked, rows
 
 
@@ -272,17 +277,16 @@ class ContinualLearner:
         h_leaf = h.detach().requires_grad_()
         task_sum = distill_sum = 0.0
         for c in chunk_slices(len(target), head.out_features):
-            with autocast(cfg.device, cfg.bf16):
-                logits = head(h_leaf[c])
-            logp = torch.log_softmax(logits.float(), -1)
+            logp = chunk_logp(head, h_leaf[c], cfg.device, cfg.bf16)
             picked = logp.gather(-1, target[c].unsqueeze(-1)).squeeze(-1)
             chunk_task = (token_losses(picked, rewards[c]) * share[c]).sum()
             chunk_loss = chunk_task
             task_sum += float(chunk_task.detach())
             lo = max(c.start, first_replayed)
             if distilling and lo < c.stop:
-                with torch.no_grad(), autocast(cfg.device, cfg.bf16):
-                    ref_logp = torch.log_softmax(head(ref_h[lo - first_replayed:c.stop - first_replayed]).float(), -1)
+                with torch.no_grad():
+                    ref_logp = chunk_logp(head, ref_h[lo - first_replayed:c.stop - first_replayed], cfg.device,
+                                          cfg.bf16)
                 kl = (ref_logp.exp() * (ref_logp - logp[lo - c.start:])).sum()
                 chunk_loss = chunk_loss + cfg.distill_weight * kl / n_distill
                 distill_sum += float(kl.detach()) / n_distill
