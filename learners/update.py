@@ -7,7 +7,9 @@ interactions with replayed ones. The loss, read top to bottom:
                row counts ``replay_weight`` of a new row, so replay can steady the update without
                diluting what the new rows teach)
     anchor   = sum ||theta - theta_accepted||^2          ("anchor": L2 toward the last accepted adapter)
-    distill  = KL(p_generation || p_adapted) on replayed rows   ("distill": keep old behaviour)
+    distill  = KL(p_generation || p_adapted) on replayed rows of sources no new row comes from
+               ("distill": keep old behaviour where nothing new arrives; on a source that is
+               arriving the generation's prediction is what the new rows teach away from)
     loss     = task + anchor_weight * anchor + distill_weight * distill
 
 then ("clip") gradients are clipped to ``max_grad_norm`` and the change the optimizer makes to the
@@ -247,7 +249,10 @@ class ContinualLearner:
     # -- the step ----------------------------------------------------------------------------
     def step(self, new: Sequence[Example], replay: Sequence[Example] = ()) -> StepReport:
         cfg = self.config
-        rows = list(new) + list(replay)
+        arriving = {ex.domain for ex in new}
+        own = [ex for ex in replay if ex.domain in arriving]
+        replay = own + [ex for ex in replay if ex.domain not in arriving]  # the distilled rows come last
+        rows = list(new) + replay
         batch = collate(self.tokenizer, rows, cfg.max_seq_len, cfg.device)
         decoder, head = decoder_and_head(self.model)
         mask, row_of, target = loss_positions(batch)
@@ -262,15 +267,16 @@ class ContinualLearner:
         share = (row_weight / row_weight.sum().clamp(min=1e-8) / per_row)[row_of]
         rewards = batch.rewards.to(h.device)[row_of]
 
-        distilling = "distill" in cfg.constraints and cfg.distill_weight > 0 and bool(replay)
-        first_replayed = int((row_of < len(new)).sum())  # positions of replayed rows come after the new rows'
+        first_distilled_row = len(new) + len(own)
+        distilling = "distill" in cfg.constraints and cfg.distill_weight > 0 and first_distilled_row < len(rows)
+        first_distilled = int((row_of < first_distilled_row).sum())  # the distilled rows' positions come last
         if distilling:
-            r = slice(len(new), len(rows))
+            r = slice(first_distilled_row, len(rows))
             with torch.no_grad(), self.model.disable_adapter(), autocast(cfg.device, cfg.bf16):
                 ref = decoder(input_ids=batch.input_ids[r], attention_mask=batch.attention_mask[r],
                               use_cache=False).last_hidden_state
-            ref_h = ref[:, :-1][mask[r]]  # aligned with positions first_replayed.. of h
-            n_distill = max(1, len(target) - first_replayed)
+            ref_h = ref[:, :-1][mask[r]]  # aligned with positions first_distilled.. of h
+            n_distill = max(1, len(target) - first_distilled)
 
         # The head, the loss and their backward, a chunk of positions at a time; the decoder's backward once.
         self.optimizer.zero_grad(set_to_none=True)
@@ -282,10 +288,10 @@ class ContinualLearner:
             chunk_task = (token_losses(picked, rewards[c]) * share[c]).sum()
             chunk_loss = chunk_task
             task_sum += float(chunk_task.detach())
-            lo = max(c.start, first_replayed)
+            lo = max(c.start, first_distilled)
             if distilling and lo < c.stop:
                 with torch.no_grad():
-                    ref_logp = chunk_logp(head, ref_h[lo - first_replayed:c.stop - first_replayed], cfg.device,
+                    ref_logp = chunk_logp(head, ref_h[lo - first_distilled:c.stop - first_distilled], cfg.device,
                                           cfg.bf16)
                 kl = (ref_logp.exp() * (ref_logp - logp[lo - c.start:])).sum()
                 chunk_loss = chunk_loss + cfg.distill_weight * kl / n_distill

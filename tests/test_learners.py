@@ -112,6 +112,26 @@ def test_step_reports_the_terms_that_are_on(tiny_model, tok):
     assert r.anchor == 0 and r.distill == 0
 
 
+def test_replayed_rows_of_an_arriving_source_are_learned_not_distilled(tiny_model, tok):
+    """Distillation toward the generation holds the sources nothing new comes from; on the source the new
+    rows bring it would pull against what they teach. Its replayed rows still count in the task loss."""
+    L = make(tiny_model, tok, constraints=frozenset({"distill"}), distill_weight=1.0)
+    with torch.no_grad():  # a non-zero adapter: the generation and the adapted model differ
+        for p in L.params.values():
+            p.add_(0.05 * torch.randn_like(p))
+    L.accept()
+    own = L.step(DATA[:2], DATA[8:10])
+    assert own.distill == 0 and own.n_replay == 2
+    L.rollback()
+    with_own = L.step(DATA[:2], DATA[8:10]).task_loss
+    L.rollback()
+    assert with_own != pytest.approx(L.step(DATA[:2]).task_loss, rel=1e-4)  # the own rows carry task loss
+    L.rollback()
+    mixed = L.step(DATA[:2], [DATA[8], OTHER[0]])
+    L.rollback()
+    assert mixed.distill > 0
+    assert mixed.distill == pytest.approx(L.step(DATA[:2], [OTHER[0]]).distill, rel=1e-4)  # the other source's row
+
 def test_gradient_clipping_bounds_the_step(tiny_model, tok):
     def delta(constraints):
         torch.manual_seed(0)
