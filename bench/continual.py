@@ -173,6 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-stage", type=int, default=128,
                     help="interactions a stage (the gate judges a source once its held-out share reaches "
                          "CASCADE_GATE_MIN_ITEMS: about 160 at the defaults)")
+    ap.add_argument("--heldout-fraction", type=float, default=0.05,
+                    help="CASCADE_HELDOUT_FRACTION for every configuration: the gate judges a source once it "
+                         "holds CASCADE_GATE_MIN_ITEMS of them (at 0.05 and 160 a stage, never)")
     ap.add_argument("--update", action="store_true",
                     help="keep the configurations of the existing JSON that --configs does not rerun")
     args = ap.parse_args(argv)
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
     domains = SUITES[args.suite][:: 1 if args.order == "forward" else -1]
     train, held = load_data(per_stage, heldout, args.seed, domains)
     common = {"base_model": base_model, "max_seq_len": seq, "learning_rate": LEARNING_RATE, "reduce_every": 0,
-              "window_steps": 4, "metrics_port": 0, "heldout_fraction": 0.05, "seed": args.seed,
+              "window_steps": 4, "metrics_port": 0, "heldout_fraction": args.heldout_fraction, "seed": args.seed,
               "curation": "none"}  # every configuration learns every interaction (bench/curation measures curation)
     configs = {
         "naive": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
@@ -202,6 +205,7 @@ def main(argv=None) -> int:
     variant = "" if (args.suite, args.order, args.seed) == ("related", "forward", 0) else \
         f"-{args.suite}-{args.order}-s{args.seed}"
     variant += f"-n{per_stage}" if per_stage != 128 and not args.quick else ""
+    variant += f"-h{args.heldout_fraction:g}" if args.heldout_fraction != 0.05 else ""
     suffix = variant + ("-quick" if args.quick else "")
     path = RESULTS / f"continual{suffix}.json"
     if args.update and path.exists():
