@@ -5,8 +5,9 @@ wait for lag 0 / pending 0, evaluate ``live/`` on every domain's held-out docume
 Train and held-out data are split by document. Configurations, side by side in one run:
 
 * ``naive``   - CASCADE_REPLAY_RATIO=0 CASCADE_CONSTRAINTS=none CASCADE_GATE=off
-* ``default`` - the daemon's defaults (replay 40% of each batch, distillation toward the generation
-                on replayed rows, clipping and the update cap, the gate), with ``NEW_PER_STEP`` new rows
+* ``default`` - the daemon's defaults (replay 40% of each batch, distillation toward the last accepted
+                adapter on the replayed rows of sources not arriving, clipping and the update cap, the
+                gate), with ``NEW_PER_STEP`` new rows
                 plus 3 replayed rows a step (batch 7)
 * ``joint``   - every stage's interactions shuffled together and learned in one pass (the upper
                 reference), with naive's settings
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, Daemon, commit, commit_marks, foundation, live_model, ppl, write_json
+from daemon.cli import fates
 from daemon.corpus import SUITES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,11 +97,17 @@ def run_config(name: str, settings: dict, train: dict, held: dict, work, max_seq
         state = json.loads((daemon.home / "registry/main/live/state.json").read_text())
     finally:
         daemon.stop()
-    c = state["counters"]
+    c, f = state["counters"], fates(state)
+    arrived = sum(len(v) for v in train.values())
+    # Every interaction's fate: learned, held out, still deferred, refused or skipped (none may be lost).
+    accounted = f["learned"] + f["heldout"] + f["deferred_waiting"] + f["refused"] + f["skipped"]
+    if accounted != arrived:
+        print(f"  {name}: {arrived} interactions arrived but the fates add up to {accounted}: {f}", flush=True)
     return {"R": [[row[d] for d in train] for row in rows], "seconds": time.monotonic() - t0,
             "update_steps": state["update_steps"], "interactions_learned": state["interactions_learned"],
             "rollbacks": c.get("rollbacks", 0), "deferred": c.get("deferred", 0), "refused": c.get("refused", 0),
-            "deferred_waiting": state.get("deferred_waiting", 0), "settings": settings}
+            "deferred_waiting": state.get("deferred_waiting", 0), "fates": f, "arrived": arrived,
+            "settings": settings}
 
 
 def run_avalanche(name: str, base_model, train: dict, held: dict, seq: int) -> dict:
@@ -196,7 +204,6 @@ def main(argv=None) -> int:
                            "constraints": "replay,anchor,distill,clip"},
         "joint": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
     }
-    work = RESULTS.parent / ".work" / "continual"
     base = evaluate_foundation(base_model, held, seq)
     print("foundation: " + " ".join(f"{k}={v:.3f}" for k, v in base.items()), flush=True)
     doc = {"suite": args.suite, "order": args.order, "seed": args.seed, "domains": domains, "per_stage": per_stage,
@@ -208,6 +215,7 @@ def main(argv=None) -> int:
     variant += f"-h{args.heldout_fraction:g}" if args.heldout_fraction != 0.05 else ""
     suffix = variant + ("-quick" if args.quick else "")
     path = RESULTS / f"continual{suffix}.json"
+    work = RESULTS.parent / ".work" / f"continual{suffix}"  # one per variant: two variants may run side by side
     if args.update and path.exists():
         doc["configs"] = json.loads(path.read_text())["configs"]
     for name in args.configs.split(","):
