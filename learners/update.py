@@ -294,7 +294,6 @@ class ContinualLearner:
         share = (row_weight / row_weight.sum().clamp(min=1e-8) / per_row)[row_of]
         rewards = batch.rewards.to(h.device)[row_of]
 
-
         # The head, the loss and their backward, a chunk of positions at a time; the decoder's backward once.
         self.optimizer.zero_grad(set_to_none=True)
         h_leaf = h.detach().requires_grad_()

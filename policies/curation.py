@@ -12,7 +12,8 @@ reason it is skipped (:data:`REASONS`), and ``None`` means it is learned as befo
   to recently learned content reaches ``threshold``: ``near_duplicate`` (the index is
   ``learners.curation.ContentIndex``; here only the verdict on the measured similarity).
 * ``junk`` — the response is not text worth imitating (:func:`junk`): hardly a letter or digit in
-  it, or the same words over and over.
+  it, the same words over and over, bytes that were not text (replacement and control characters),
+  or markup with hardly any text between the tags.
 * ``fair`` — one source (``meta.domain``, and ``meta.producer`` where a producer names itself) takes
   more than ``share`` of a window that other sources share too: ``flood`` (:func:`quotas`).
 * ``loss`` — the live model's loss on the response (nats/token) is outside a band: below ``low`` it
@@ -37,6 +38,11 @@ SHINGLE_WORDS = 3
 WORD_RE = re.compile(r"\w+")
 SPACE_RE = re.compile(r"\s+")
 ALNUM_RE = re.compile(r"[^\W_]+")  # letters and digits, any script
+# Markup: closing tags, tags with attributes and character entities (a bare <NAME> is not counted: glibc
+# locale files, for one, write every character as <U0041>).
+MARKUP_RE = re.compile(r"</[A-Za-z][\w:.-]*\s*>|<[A-Za-z][\w:.-]*(?:\s+[\w:.-]+(?:\s*=\s*(?:\"[^\"<>]*\"|'[^'<>]*'"
+                       r"|[^\s<>'\"]+))?)+\s*/?>|&#?\w{1,10};")
+UNDECODABLE_RE = re.compile(r"[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]+")  # U+FFFD, control characters
 
 
 @dataclass(frozen=True)
@@ -88,15 +94,20 @@ class TextStats:
     alnum_share: float  # of those, letters and digits (any script: str.isalnum)
     n_words: int
     repetition: float  # 1 - distinct word 3-grams / word 3-grams (0: none repeats; near 1: a loop)
+    markup_share: float  # of the visible characters, those in tags (<...>) and entities (&...;)
+    undecodable_share: float  # of the visible characters, U+FFFD and control characters (bytes read as text)
 
 
 def text_stats(text: str) -> TextStats:
     visible = len(text) - sum(map(len, SPACE_RE.findall(text)))
     alnum = sum(map(len, ALNUM_RE.findall(text)))  # regular expressions: ~10x a loop over characters
+    markup = sum(len(SPACE_RE.sub("", m.group())) for m in MARKUP_RE.finditer(text))
+    undecodable = sum(map(len, UNDECODABLE_RE.findall(text)))
     w = words(text)
     grams = list(zip(w, w[1:], w[2:]))
     repetition = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-    return TextStats(visible, alnum / visible if visible else 0.0, len(w), repetition)
+    share = (lambda n: n / visible) if visible else (lambda n: 0.0)
+    return TextStats(visible, share(alnum), len(w), repetition, share(markup), share(undecodable))
 
 
 # -- the decisions --------------------------------------------------------------------------------------
@@ -106,6 +117,8 @@ class JunkLimits:
     min_chars: int = 8
     max_repetition: float = 0.75  # share of repeated word 3-grams, judged from ``min_words`` words
     min_words: int = 16
+    max_markup_share: float = 0.8  # tags and entities with hardly any text between them
+    max_undecodable_share: float = 0.05  # text this full of U+FFFD or control characters was not text
 
 
 def junk(stats: TextStats, limits: JunkLimits = JunkLimits()) -> Skip | None:
@@ -117,6 +130,12 @@ def junk(stats: TextStats, limits: JunkLimits = JunkLimits()) -> Skip | None:
     if stats.n_words >= limits.min_words and stats.repetition > limits.max_repetition:
         return Skip("junk", f"{stats.repetition:.0%} of the response's word 3-grams repeat "
                             f"(over {limits.max_repetition:.0%})")
+    if stats.chars >= limits.min_chars and stats.undecodable_share > limits.max_undecodable_share:
+        return Skip("junk", f"{stats.undecodable_share:.0%} of the response is replacement or control characters "
+                            f"(over {limits.max_undecodable_share:.0%}: bytes that were not text)")
+    if stats.chars >= limits.min_chars and stats.markup_share > limits.max_markup_share:
+        return Skip("junk", f"{stats.markup_share:.0%} of the response is markup tags or entities "
+                            f"(over {limits.max_markup_share:.0%})")
     return None
 
 

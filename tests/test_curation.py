@@ -44,6 +44,19 @@ def test_a_loop_of_the_same_words_is_junk():
     assert "repeat" in junk(text_stats("buy now cheap pills " * 10)).detail
 
 
+def test_markup_soup_and_bytes_read_as_text_are_junk():
+    soup = '<div class="nav">&nbsp;</div><span style="x">&#8203;</span><a href="/x">&raquo;</a>' * 3
+    assert "markup" in junk(text_stats(soup)).detail
+    binary = TEXT + bytes(range(128, 160)).decode("utf-8", errors="replace") + "\x07\x1b" * 8  # mostly letters
+    assert "replacement or control" in junk(text_stats(binary)).detail
+
+
+@pytest.mark.parametrize("text", ["<U0041> <U0042>\n<U0043> <U0044>\n" * 4,  # a glibc locale table
+                                  "<p>The <b>parser</b> reads the <a href='x'>file</a> and returns a tree.</p>"])
+def test_symbolic_names_and_html_with_text_are_not_junk(text):
+    assert junk(text_stats(text)) is None
+
+
 @pytest.mark.parametrize("text", [" 4", " red.", TEXT, "    return x * 2 + len(str(x))\n", "日本語の文章です。",
                                   "def f(x):\n    if x:\n        return {'a': [1, 2]}\n    return None\n"])
 def test_text_and_code_are_not_junk(text):
