@@ -82,8 +82,8 @@ class Settings(BaseSettings):
                              "spelling and changes nothing: replay_ratio decides)", json_schema_extra=ESSENTIAL)
     anchor_weight: float = Field(_U.anchor_weight, ge=0, description="weight of the L2 pull towards the last "
                                  "accepted adapter ('anchor')", json_schema_extra=TUNING)
-    distill_weight: float = Field(_U.distill_weight, ge=0, description="weight of the KL to the last accepted "
-                                  "adapter on replayed rows of sources not arriving ('distill')", json_schema_extra=TUNING)
+    distill_weight: float = Field(_U.distill_weight, ge=0, description="weight of the KL to the generation on "
+                                  "replayed rows ('distill')", json_schema_extra=TUNING)
     max_grad_norm: float = Field(_U.max_grad_norm, gt=0, description="gradient clipping norm ('clip')",
                                  json_schema_extra=TUNING)
     max_update_scale: float = Field(_U.max_update_scale, gt=0, description="cap on one step's L2 change to the "

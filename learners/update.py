@@ -7,10 +7,7 @@ interactions with replayed ones. The loss, read top to bottom:
                row counts ``replay_weight`` of a new row, so replay can steady the update without
                diluting what the new rows teach)
     anchor   = sum ||theta - theta_accepted||^2          ("anchor": L2 toward the last accepted adapter)
-    distill  = KL(p_accepted || p_adapted) on replayed rows of sources no new row comes from
-               ("distill": keep what the lineage knew before this window, as the last accepted
-               adapter predicts it: the generation knows less of what the lineage learned, and on a
-               source that is arriving the teacher's prediction is what the new rows teach away from)
+    distill  = KL(p_generation || p_adapted) on replayed rows   ("distill": keep old behaviour)
     loss     = task + anchor_weight * anchor + distill_weight * distill
 
 then ("clip") gradients are clipped to ``max_grad_norm`` and the change the optimizer makes to the
@@ -36,7 +33,6 @@ unlikelihood, ``-log(1 - p(token))`` weighted by ``|r|``, pushing the response's
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -206,21 +202,6 @@ class ContinualLearner:
         """The current adapter becomes the anchor and the point a rollback returns to."""
         self._accepted = self._snapshot()
 
-    @contextmanager
-    def accepted_weights(self):
-        """The adapter as last accepted, for a forward pass without gradients (distillation's teacher);
-        the weights being trained are put back after."""
-        with torch.no_grad():
-            trained = {n: p.detach().clone() for n, p in self.params.items()}
-            for n, p in self.params.items():
-                p.copy_(self._accepted["params"][n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(trained[n])
-
     def rollback(self) -> None:
         with torch.no_grad():
             for n, p in self.params.items():
@@ -266,23 +247,10 @@ class ContinualLearner:
     # -- the step ----------------------------------------------------------------------------
     def step(self, new: Sequence[Example], replay: Sequence[Example] = ()) -> StepReport:
         cfg = self.config
-        arriving = {ex.domain for ex in new}
-        own = [ex for ex in replay if ex.domain in arriving]
-        replay = own + [ex for ex in replay if ex.domain not in arriving]  # the distilled rows come last
-        rows = list(new) + replay
+        rows = list(new) + list(replay)
         batch = collate(self.tokenizer, rows, cfg.max_seq_len, cfg.device)
         decoder, head = decoder_and_head(self.model)
         mask, row_of, target = loss_positions(batch)
-        first_distilled_row = len(new) + len(own)
-        distilling = "distill" in cfg.constraints and cfg.distill_weight > 0 and first_distilled_row < len(rows)
-        first_distilled = int((row_of < first_distilled_row).sum())  # the distilled rows' positions come last
-        if distilling:  # the teacher first: it borrows the adapter's weights, which the student's graph holds
-            r = slice(first_distilled_row, len(rows))
-            with torch.no_grad(), self.accepted_weights(), autocast(cfg.device, cfg.bf16):
-                ref = decoder(input_ids=batch.input_ids[r], attention_mask=batch.attention_mask[r],
-                              use_cache=False).last_hidden_state
-            ref_h = ref[:, :-1][mask[r]]  # aligned with positions first_distilled.. of h
-            n_distill = max(1, len(target) - first_distilled)
         with autocast(cfg.device, cfg.bf16):
             hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          use_cache=False).last_hidden_state
@@ -294,6 +262,16 @@ class ContinualLearner:
         share = (row_weight / row_weight.sum().clamp(min=1e-8) / per_row)[row_of]
         rewards = batch.rewards.to(h.device)[row_of]
 
+        distilling = "distill" in cfg.constraints and cfg.distill_weight > 0 and bool(replay)
+        first_replayed = int((row_of < len(new)).sum())  # positions of replayed rows come after the new rows'
+        if distilling:
+            r = slice(len(new), len(rows))
+            with torch.no_grad(), self.model.disable_adapter(), autocast(cfg.device, cfg.bf16):
+                ref = decoder(input_ids=batch.input_ids[r], attention_mask=batch.attention_mask[r],
+                              use_cache=False).last_hidden_state
+            ref_h = ref[:, :-1][mask[r]]  # aligned with positions first_replayed.. of h
+            n_distill = max(1, len(target) - first_replayed)
+
         # The head, the loss and their backward, a chunk of positions at a time; the decoder's backward once.
         self.optimizer.zero_grad(set_to_none=True)
         h_leaf = h.detach().requires_grad_()
@@ -304,10 +282,10 @@ class ContinualLearner:
             chunk_task = (token_losses(picked, rewards[c]) * share[c]).sum()
             chunk_loss = chunk_task
             task_sum += float(chunk_task.detach())
-            lo = max(c.start, first_distilled)
+            lo = max(c.start, first_replayed)
             if distilling and lo < c.stop:
                 with torch.no_grad():
-                    ref_logp = chunk_logp(head, ref_h[lo - first_distilled:c.stop - first_distilled], cfg.device,
+                    ref_logp = chunk_logp(head, ref_h[lo - first_replayed:c.stop - first_replayed], cfg.device,
                                           cfg.bf16)
                 kl = (ref_logp.exp() * (ref_logp - logp[lo - c.start:])).sum()
                 chunk_loss = chunk_loss + cfg.distill_weight * kl / n_distill
