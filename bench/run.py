@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import sys
 
-from bench import adaptation, chaos, continual, crash, edge, memory, reduction, serving, specialists, throughput, vocab
+from bench import (adaptation, chaos, continual, crash, curation, edge, memory, reduction, serving, specialists,
+                   throughput, vocab)
 
 
 def main(argv: list[str]) -> int:
     quick = ["--quick"] if "--quick" in argv else []
-    return (continual.main(quick) or reduction.main(quick) or crash.main(quick) or throughput.main(quick)
-            or memory.main(["--steps", "1"] if quick else [])
+    return (continual.main(quick) or curation.main(quick) or reduction.main(quick) or crash.main(quick)
+            or throughput.main(quick) or memory.main(["--steps", "1"] if quick else [])
             or adaptation.main(quick) or specialists.main(quick) or vocab.main(quick) or chaos.main(quick)
             or serving.main(quick) or edge.main(quick))
 
