@@ -22,7 +22,9 @@ The budget (128 interactions a stage, learning rate 2e-3) and the defaults were 
 ``bench/continual_sweep.py`` (results in ``bench/results/continual-sweep.json``): it is the smallest
 budget found at which naive fine-tuning forgets more than 0.1 nats on average.
 
-Usage: ``python -m bench.continual [--quick] [--configs naive,default,...] [--update]``; writes
+Usage: ``python -m bench.continual [--quick] [--configs naive,default,...] [--update]``
+(``--suite unlike``, ``--order reverse``, ``--seed 1`` for the other variants; ``--targets`` prints the
+issue's targets over every stored variant); writes
 bench/results/continual[-quick].json and .png; each configuration records the commit it ran at, and
 ``--update`` reruns only ``--configs``, keeping the others of the existing JSON.
 """
@@ -172,6 +174,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run: few interactions per stage")
     ap.add_argument("--table", metavar="JSON", help="only print the README table of an earlier run")
+    ap.add_argument("--targets", action="store_true",
+                    help="only print, for every stored suite/order/seed, the default against naive and joint")
     ap.add_argument("--configs",
                     default="naive,default,joint,avalanche-replay,avalanche-ewc,avalanche-lwf")
     ap.add_argument("--suite", choices=sorted(SUITES), default="related",
@@ -187,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--update", action="store_true",
                     help="keep the configurations of the existing JSON that --configs does not rerun")
     args = ap.parse_args(argv)
+    if args.targets:
+        print(targets(RESULTS.glob("continual*.json")))
+        return 0
     if args.table:
         print(markdown_table(json.loads(open(args.table).read())))
         return 0
@@ -261,6 +268,38 @@ def markdown_table(doc: dict) -> str:
         lines.append(f"| {name}{mark} | {s['avg_final_ppl']:.3f} | {f} | {b} | {p} | {res['update_steps']} | "
                      f"{res['rollbacks']} | {res.get('deferred', '-')} | {res.get('refused', '-')} | "
                      f"{res['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+VARIANT_RE = (r"continual(?:-(?P<suite>[a-z]+)-(?P<order>forward|reverse)-s(?P<seed>\d+))?"
+              r"(?:-n\d+)?(?:-h0\.\d+)?\.json")  # the name main() gives a result, not -quick's
+
+
+def targets(paths) -> str:
+    """Issue 22's targets, one row per result file (a suite, order, seed and size) that has ``naive`` and
+    ``default``: the default's average forgetting over naive's (at most 0.25), its worst loss right after
+    a stage over naive's (at most 1.03), its final perplexity over joint's (at most 1.05; '-' where joint
+    was not run), and what the gate did. A missing variant is simply not listed."""
+    import re
+
+    lines = ["| suite | order | seed | file | forgetting / naive (<= 0.25) | worst own-stage loss / naive (<= 1.03) | "
+             "final ppl / joint (<= 1.05) | rollbacks | deferred | refused | default's commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(paths):
+        m = re.fullmatch(VARIANT_RE, Path(path).name)
+        if not m:
+            continue
+        cfg = json.loads(Path(path).read_text())["configs"]
+        if "naive" not in cfg or "default" not in cfg:
+            continue
+        n, d = cfg["naive"]["summary"], cfg["default"]["summary"]
+        forget = d["avg_forgetting"] / n["avg_forgetting"] if n["avg_forgetting"] > 0 else float("inf")
+        worst = max(a / b for a, b in zip(d["plasticity"], n["plasticity"]))
+        joint = f"{d['avg_final_ppl'] / cfg['joint']['summary']['avg_final_ppl']:.3f}" if "joint" in cfg else "-"
+        res = cfg["default"]
+        lines.append(f"| {m['suite'] or 'related'} | {m['order'] or 'forward'} | {m['seed'] or 0} | {Path(path).name} "
+                     f"| {forget:.2f} | {worst:.3f} | {joint} | {res['rollbacks']} | {res.get('deferred', '-')} | "
+                     f"{res.get('refused', '-')} | {res.get('commit', '?')} |")
     return "\n".join(lines)
 
 
