@@ -21,3 +21,47 @@ def test_a_table_names_one_commit_or_marks_every_row():
     note, marks = commit_marks([{"commit": "abc"}, {"commit": "def", "dirty": True}, {}])
     assert "each row" in note and marks == [" [abc]", " [def+dirty]", " [?]"]
     assert set(commit()) == {"commit", "dirty"}
+
+
+def test_the_curation_benchmark_pollutes_with_what_it_says():
+    """A near copy of an interaction of the corpora's size (~90 words) is one the daemon's index calls a
+    near-duplicate of its template; every junk item is junk by the daemon's rule; the template is not."""
+    import random
+
+    from bench.curation import junk_items, near_copy
+    from learners.curation import ContentIndex
+    from policies.curation import content_key, junk, text_stats
+
+    sentence = ("The stream keeps every entry until the consumer group acknowledges it, and a reader that "
+                "crashes gets the entries it held delivered again to the next reader of the group. An entry "
+                "that fails again and again is moved to the dead letter stream with its reason, where an "
+                "operator reads it, mends the producer and publishes the entry once more by hand.")
+    template = {"id": "t", "prompt": "Explain how the stream " + sentence[:60], "response": sentence,
+                "meta": {"domain": "man"}}
+    index = ContentIndex(100)
+    index.add(content_key(template["prompt"], template["response"]),
+              index.minhash(template["prompt"], template["response"]))
+    rng = random.Random(0)
+    copies = [near_copy(template, rng, i) for i in range(20)]
+    assert len({c["id"] for c in copies}) == 20 and all(c["response"] != sentence for c in copies[:5])
+    assert all(index.similarity(index.minhash(c["prompt"], c["response"])) >= 0.8 for c in copies)
+    assert junk(text_stats(sentence)) is None
+    assert all(junk(text_stats(j["response"])) for j in junk_items(30, rng, ["man", "c"]))
+
+
+def test_the_continual_targets_compare_default_with_naive_and_joint(tmp_path):
+    import json
+
+    from bench.continual import targets
+
+    def res(forgetting, plasticity, ppl, commit="abc"):
+        return {"summary": {"avg_forgetting": forgetting, "plasticity": plasticity, "avg_final_ppl": ppl},
+                "rollbacks": 2, "deferred": 5, "refused": 0, "commit": commit}
+
+    (tmp_path / "continual-unlike-reverse-s1.json").write_text(json.dumps({"configs": {
+        "naive": res(0.4, [1.0, 2.0], 14.0), "default": res(0.1, [1.02, 2.1], 12.6),
+        "joint": res(0, [], 12.0)}}))
+    (tmp_path / "continual-quick.json").write_text("{}")  # a smoke run is not a variant
+    rows = targets(tmp_path.glob("*.json")).splitlines()[2:]
+    assert rows == ["| unlike | reverse | 1 | continual-unlike-reverse-s1.json | 0.25 | 1.050 | 1.050 | 2 | 5 | 0 "
+                    "| abc |"]
