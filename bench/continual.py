@@ -5,9 +5,8 @@ wait for lag 0 / pending 0, evaluate ``live/`` on every domain's held-out docume
 Train and held-out data are split by document. Configurations, side by side in one run:
 
 * ``naive``   - CASCADE_REPLAY_RATIO=0 CASCADE_CONSTRAINTS=none CASCADE_GATE=off
-* ``default`` - the daemon's defaults (replay 40% of each batch, distillation toward the last accepted
-                adapter on the replayed rows of sources not arriving, clipping and the update cap, the
-                gate), with ``NEW_PER_STEP`` new rows
+* ``default`` - the daemon's defaults (replay 40% of each batch, distillation toward the generation
+                on replayed rows, clipping and the update cap, the gate), with ``NEW_PER_STEP`` new rows
                 plus 3 replayed rows a step (batch 7)
 * ``joint``   - every stage's interactions shuffled together and learned in one pass (the upper
                 reference), with naive's settings
@@ -34,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import tempfile
 import time
@@ -280,8 +280,6 @@ def targets(paths) -> str:
     ``default``: the default's average forgetting over naive's (at most 0.25), its worst loss right after
     a stage over naive's (at most 1.03), its final perplexity over joint's (at most 1.05; '-' where joint
     was not run), and what the gate did. A missing variant is simply not listed."""
-    import re
-
     lines = ["| suite | order | seed | file | forgetting / naive (<= 0.25) | worst own-stage loss / naive (<= 1.03) | "
              "final ppl / joint (<= 1.05) | rollbacks | deferred | refused | default's commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -88,7 +88,6 @@ def build_streams(base: int, templates: int, seed: int) -> tuple[list[dict], lis
     picked = rng.sample(clean, templates)
     near = [near_copy(picked[i % templates], rng, i) for i in range(round(NEAR_SHARE * total))]
     polluted = clean + near + junk_items(total - len(clean) - len(near), rng, domains)
-    clean, polluted = list(clean), list(polluted)
     random.Random(seed).shuffle(clean)
     random.Random(seed + 1).shuffle(polluted)
     return clean, polluted, held, domains

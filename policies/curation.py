@@ -106,8 +106,8 @@ def text_stats(text: str) -> TextStats:
     w = words(text)
     grams = list(zip(w, w[1:], w[2:]))
     repetition = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-    share = (lambda n: n / visible) if visible else (lambda n: 0.0)
-    return TextStats(visible, share(alnum), len(w), repetition, share(markup), share(undecodable))
+    alnum_s, markup_s, undecodable_s = (n / visible if visible else 0.0 for n in (alnum, markup, undecodable))
+    return TextStats(visible, alnum_s, len(w), repetition, markup_s, undecodable_s)
 
 
 # -- the decisions --------------------------------------------------------------------------------------
