@@ -130,6 +130,10 @@ class LineageWorker:
         if adapter is None:
             adapter = self._meta_init(gen_dir)
         self.learner = ContinualLearner(gen_dir, self.tokenizer, self.s.update_config(), adapter_dir=adapter)
+        if live is not None and (live / "replay-predictions.safetensors").is_file():
+            self.replay.load_predictions(live / "replay-predictions.safetensors", self.generation)
+        else:
+            self.replay.remember({}, self.generation)
         self.n_params = count_parameters(self.learner.model.get_base_model())
 
     def _meta_init(self, gen_dir: Path) -> Path | None:
@@ -242,9 +246,10 @@ class LineageWorker:
             retried = self.deferred.take(self.new_per_step())
             rows = [ex for ex, _ in retried] + train
             self._configure_window(rep)
-            decision, new_tokens, kept_steps = self._learn_window(rows, rep)
+            decision, new_tokens, kept_steps, predictions = self._learn_window(rows, rep)
             if decision is None or decision.accept:
                 self.learner.accept()
+                self.replay.remember(predictions, self.generation)
                 if self.learner.config.replay_count():
                     self.replay.extend([ex for ex in rows if ex.reward > 0])
                 self.recent.extend(rows)
@@ -315,7 +320,8 @@ class LineageWorker:
         """Optimizer steps over ``rows`` (each batch topped up with replayed items), judged by the gate;
         a refused window that may be learned more carefully is tried again under stronger protection
         (up to ``gate_retries`` times). Returns the last decision (None with the gate off), the new rows'
-        tokens and the steps of the last try; the adapter is left as learned (accepted) or rolled back."""
+        tokens, the steps of the last try and its predictions on the replayed rows (for the replay store to
+        keep if the window is accepted); the adapter is left as learned (accepted) or rolled back."""
         before = self._measure_before() if self.s.gate else {}
         # Never more than window_steps steps: a window bigger than this phase wants (sized before the
         # phase or the tuner changed the replay ratio, or with deferred rows beside the new ones) spreads
@@ -329,9 +335,12 @@ class LineageWorker:
             steps = 0
             self.learner.configure(learning_rate=base[0] * protection.lr_factor,
                                    distill_weight=base[1] * protection.distill_factor)
-            losses, new_tokens = [], 0
+            losses, new_tokens, predictions = [], 0, {}
             for part in chunks(rows, per_step):
-                r = self.learner.step(part, self.replay.sample(n_replay, protection.prefer))
+                replayed = self.replay.sample(n_replay, protection.prefer)
+                r = self.learner.step(part, replayed, [self.replay.prediction(ex) for ex in replayed])
+                predictions.update({i: p for i, p in r.predictions.items()
+                                    if i not in predictions or p.nll < predictions[i].nll})
                 losses.append(r.task_loss)
                 steps += 1
                 rep.steps += 1
@@ -363,7 +372,7 @@ class LineageWorker:
                 break
             protection = stronger(protection, decision.hurt)
         self.learner.configure(learning_rate=base[0], distill_weight=base[1])
-        return decision, new_tokens, steps
+        return decision, new_tokens, steps, predictions
 
     def _requeue(self, items: list[tuple[Example, int]], outcomes: list[tuple[str, str]], rep: LearnReport,
                  decision) -> None:
@@ -454,6 +463,7 @@ class LineageWorker:
             self.learner.save(ckpt)
             atomic_write_json(ckpt / "curation.json", self.curator.index.save(ckpt))
             atomic_write_json(ckpt / "replay.json", self.replay.to_json())
+            self.replay.save_predictions(ckpt / "replay-predictions.safetensors")
             atomic_write_json(ckpt / "heldout.json", {d: [e.to_json() for e in v] for d, v in self.heldout.items()})
             atomic_write_json(ckpt / "deferred.json", self.deferred.to_json())
             atomic_write_json(ckpt / "state.json", self.state())

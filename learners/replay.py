@@ -8,13 +8,37 @@ sampling keeps a uniform sample of everything that source ever sent.
 
 The store is bounded in items (``capacity``) and in UTF-8 bytes (``max_bytes``), and round-trips
 through plain JSON (:meth:`to_json` / :meth:`from_json`), so it persists without pickling.
+
+Beside each item the store keeps the best :class:`Prediction` the lineage made on it: the model's
+likeliest next tokens at the item's response positions, taken when the item was replayed and kept
+while it is the lowest-loss one seen (so it records what that source's rows were learned to).
+Distillation pulls toward it (``learners/update.py``), as dark experience replay does with stored
+logits. Predictions belong to one generation (:attr:`generation`) and persist as safetensors
+(:meth:`save_predictions` / :meth:`load_predictions`): ``capacity`` x response tokens x
+``k`` x 6 bytes at most (2,000 items of 200 tokens at k=8: 19 MB).
 """
 from __future__ import annotations
 
+import json
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from learners.data import Example
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's ``k`` likeliest tokens at each of a row's loss-carrying positions and their
+    log-probabilities, and the row's mean loss (nats/token) when they were taken."""
+    tokens: torch.Tensor  # [N, k] int32
+    logp: torch.Tensor  # [N, k] float16
+    nll: float
 
 
 def _size(ex: Example) -> int:
@@ -31,6 +55,8 @@ class ReplayBuffer:
         self._items: dict[str, list[Example]] = {}
         self._seen: dict[str, int] = {}
         self._bytes = 0
+        self._predictions: dict[str, Prediction] = {}
+        self.generation = ""  # the generation the predictions were made on
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._items.values())
@@ -63,6 +89,7 @@ class ReplayBuffer:
             j = self._rng.randrange(self._seen[d])
             if j < len(bucket):
                 self._bytes += _size(ex) - _size(bucket[j])
+                self._predictions.pop(bucket[j].id, None)
                 bucket[j] = ex
         self._enforce_bytes()
 
@@ -74,6 +101,7 @@ class ReplayBuffer:
         bucket = self._items[d]
         ex = bucket.pop(self._rng.randrange(len(bucket)))
         self._bytes -= _size(ex)
+        self._predictions.pop(ex.id, None)
 
     def _shrink_to_quota(self) -> None:
         q = self._quota()
@@ -110,6 +138,47 @@ class ReplayBuffer:
 
     def all(self) -> list[Example]:
         return [ex for v in self._items.values() for ex in v]
+
+    # -- predictions -----------------------------------------------------------------------------
+    def prediction(self, ex: Example) -> Prediction | None:
+        return self._predictions.get(ex.id)
+
+    def remember(self, predictions: Mapping[str, Prediction], generation: str) -> int:
+        """Keep each of ``predictions`` whose item is stored and whose loss is lower than the one kept
+        (all of them for another generation's store); returns how many were kept."""
+        if generation != self.generation:
+            self._predictions, self.generation = {}, generation
+        stored = {ex.id for ex in self.all()}
+        kept = 0
+        for i, p in predictions.items():
+            old = self._predictions.get(i)
+            if i in stored and (old is None or p.nll < old.nll):
+                self._predictions[i] = p
+                kept += 1
+        return kept
+
+    def save_predictions(self, path: str | Path) -> None:
+        kept = list(self._predictions.items())
+        tensors = {"tokens": torch.zeros(0, 1, dtype=torch.int32), "logp": torch.zeros(0, 1, dtype=torch.float16)}
+        if kept:
+            tensors = {"tokens": torch.cat([p.tokens for _, p in kept]), "logp": torch.cat([p.logp for _, p in kept])}
+        rows = [[i, len(p.tokens), p.nll] for i, p in kept]
+        save_file(tensors, str(path), metadata={"generation": self.generation, "rows": json.dumps(rows)})
+
+    def load_predictions(self, path: str | Path, generation: str) -> None:
+        """The predictions saved at ``path`` if they were made on ``generation`` (else none)."""
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        self._predictions, self.generation = {}, generation
+        if meta.get("generation") != generation:
+            return
+        t = load_file(str(path))
+        stored = {ex.id for ex in self.all()}
+        at = 0
+        for i, n, nll in json.loads(meta.get("rows", "[]")):
+            if i in stored:
+                self._predictions[i] = Prediction(t["tokens"][at : at + n], t["logp"][at : at + n], float(nll))
+            at += n
 
     def to_json(self) -> dict:
         state = self._rng.getstate()

@@ -7,7 +7,8 @@ interactions with replayed ones. The loss, read top to bottom:
                row counts ``replay_weight`` of a new row, so replay can steady the update without
                diluting what the new rows teach)
     anchor   = sum ||theta - theta_accepted||^2          ("anchor": L2 toward the last accepted adapter)
-    distill  = KL(p_generation || p_adapted) on replayed rows   ("distill": keep old behaviour)
+    distill  = KL(p_teacher || p_adapted) on replayed rows   ("distill": keep old behaviour; the teacher is
+               the row's best stored prediction, else the generation for a source not arriving: ``Teachers``)
     loss     = task + anchor_weight * anchor + distill_weight * distill
 
 then ("clip") gradients are clipped to ``max_grad_norm`` and the change the optimizer makes to the
@@ -33,7 +34,7 @@ unlikelihood, ``-log(1 - p(token))`` weighted by ``|r|``, pushing the response's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -48,6 +49,7 @@ from transformers import AutoModelForCausalLM
 from learners.allocator import pin_mmap_threshold
 from learners.config import ALL_CONSTRAINTS, LORA_TARGETS, UpdateConfig  # noqa: F401  (re-exported)
 from learners.data import IGNORE, Batch, Example, autocast, chunks, collate, model_device
+from learners.replay import Prediction
 
 @dataclass
 class StepReport:
@@ -61,9 +63,11 @@ class StepReport:
     n_replay: int
     tokens: int  # loss-carrying tokens of every row, replayed ones included
     new_tokens: int  # loss-carrying tokens of the new rows only
+    predictions: dict[str, Prediction] = field(default_factory=dict)  # the replayed rows', before the step
 
 
 LOGIT_CHUNK = 1 << 24  # logits elements (positions x vocabulary) made at a time: 64 MB in fp32
+PREDICTION_TOP_K = 8  # tokens a stored prediction keeps per position (the rest of the mass is one bucket)
 
 
 def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -245,7 +249,11 @@ class ContinualLearner:
         return sum(p.numel() for p in self.params.values() if p.requires_grad)
 
     # -- the step ----------------------------------------------------------------------------
-    def step(self, new: Sequence[Example], replay: Sequence[Example] = ()) -> StepReport:
+    def step(self, new: Sequence[Example], replay: Sequence[Example] = (),
+             teachers: Sequence[Prediction | None] = ()) -> StepReport:
+        """One optimizer step on ``new`` plus ``replay``. ``teachers[j]`` is replayed row j's stored
+        :class:`Prediction` (or None). The report's ``predictions`` are the replayed rows' predictions
+        before this step, for the store to keep if the window is accepted."""
         cfg = self.config
         rows = list(new) + list(replay)
         batch = collate(self.tokenizer, rows, cfg.max_seq_len, cfg.device)
@@ -263,14 +271,7 @@ class ContinualLearner:
         rewards = batch.rewards.to(h.device)[row_of]
 
         distilling = "distill" in cfg.constraints and cfg.distill_weight > 0 and bool(replay)
-        first_replayed = int((row_of < len(new)).sum())  # positions of replayed rows come after the new rows'
-        if distilling:
-            r = slice(len(new), len(rows))
-            with torch.no_grad(), self.model.disable_adapter(), autocast(cfg.device, cfg.bf16):
-                ref = decoder(input_ids=batch.input_ids[r], attention_mask=batch.attention_mask[r],
-                              use_cache=False).last_hidden_state
-            ref_h = ref[:, :-1][mask[r]]  # aligned with positions first_replayed.. of h
-            n_distill = max(1, len(target) - first_replayed)
+        teach = Teachers(self.model, batch, mask, new, replay, teachers, cfg) if distilling else None
 
         # The head, the loss and their backward, a chunk of positions at a time; the decoder's backward once.
         self.optimizer.zero_grad(set_to_none=True)
@@ -282,14 +283,12 @@ class ContinualLearner:
             chunk_task = (token_losses(picked, rewards[c]) * share[c]).sum()
             chunk_loss = chunk_task
             task_sum += float(chunk_task.detach())
-            lo = max(c.start, first_replayed)
-            if distilling and lo < c.stop:
-                with torch.no_grad():
-                    ref_logp = chunk_logp(head, ref_h[lo - first_replayed:c.stop - first_replayed], cfg.device,
-                                          cfg.bf16)
-                kl = (ref_logp.exp() * (ref_logp - logp[lo - c.start:])).sum()
-                chunk_loss = chunk_loss + cfg.distill_weight * kl / n_distill
-                distill_sum += float(kl.detach()) / n_distill
+            if teach is not None:
+                teach.observe(c, logp.detach(), picked.detach())
+                kl = teach.kl(c, logp, head, cfg)
+                if kl is not None:
+                    chunk_loss = chunk_loss + cfg.distill_weight * kl
+                    distill_sum += float(kl.detach())
             chunk_loss.backward()
         task = torch.tensor(task_sum)
         distill = torch.tensor(distill_sum)
@@ -323,11 +322,111 @@ class ContinualLearner:
                             p.copy_(b + d * scale)
         return StepReport(loss=loss.item(), task_loss=task.item(), anchor=anchor.item(), distill=distill.item(),
                           grad_norm=grad_norm, update_norm=update_norm, n_new=len(new), n_replay=len(replay),
-                          tokens=batch.n_tokens, new_tokens=int((batch.labels[: len(new)] != IGNORE).sum()))
+                          tokens=batch.n_tokens, new_tokens=int((batch.labels[: len(new)] != IGNORE).sum()),
+                          predictions=teach.predictions() if teach is not None else {})
 
     def evaluate(self, examples: Sequence[Example]) -> float:
         return evaluate_loss(self.model, self.tokenizer, examples, self.config.max_seq_len,
                              self.config.batch_size, self.config.bf16)
+
+
+class Teachers:
+    """What distillation pulls each replayed row of one step toward, and the predictions the step takes.
+
+    A replayed row with a stored :class:`Prediction` (made on this generation, of its length) is pulled
+    toward it: KL over its ``k`` tokens and one bucket for the rest of the mass. A row without one is
+    pulled toward the generation (the adapter off: what the lineage knew before it) unless its source
+    is among the step's new rows — a source that is arriving is being learned, not kept. The loss is
+    the mean KL over the positions that have a teacher. :meth:`observe` takes the top ``k`` of every
+    replayed position's prediction as the chunks go by; :meth:`predictions` hands them out per row.
+    """
+
+    def __init__(self, model, batch: Batch, mask: torch.Tensor, new: Sequence[Example], replay: Sequence[Example],
+                 teachers: Sequence[Prediction | None], cfg: UpdateConfig) -> None:
+        self.replay, n_new = list(replay), len(new)
+        counts = mask.sum(1).tolist()
+        offsets = [0]
+        for n in counts:
+            offsets.append(offsets[-1] + n)
+        self.first = offsets[n_new]
+        self.spans = [(offsets[n_new + j], offsets[n_new + j + 1]) for j in range(len(self.replay))]
+        arriving = {ex.domain for ex in new}
+        gen_rows, stored = [], []
+        for j, ex in enumerate(self.replay):
+            t = teachers[j] if j < len(teachers) else None
+            lo, hi = self.spans[j]
+            if t is not None and len(t.tokens) == hi - lo and hi > lo:
+                stored.append((j, t))
+            elif ex.domain not in arriving and hi > lo:
+                gen_rows.append(j)
+        device = batch.input_ids.device
+        self.gen_pos = _positions([self.spans[j] for j in gen_rows], device)
+        self.ref_h = None
+        if gen_rows:
+            idx = torch.tensor([n_new + j for j in gen_rows], device=device)
+            decoder, _ = decoder_and_head(model)
+            with torch.no_grad(), model.disable_adapter(), autocast(device, cfg.bf16):
+                ref = decoder(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx],
+                              use_cache=False).last_hidden_state
+            self.ref_h = ref[:, :-1][mask[idx]]  # aligned with gen_pos
+        self.stored_pos = _positions([self.spans[j] for j, _ in stored], device)
+        self.t_tokens = torch.cat([t.tokens for _, t in stored]).long().to(device) if stored else None
+        self.t_logp = torch.cat([t.logp for _, t in stored]).float().to(device) if stored else None
+        self.n_taught = max(1, len(self.gen_pos) + len(self.stored_pos))
+        n = offsets[-1] - self.first
+        self.top_tokens = torch.zeros(n, PREDICTION_TOP_K, dtype=torch.int32)
+        self.top_logp = torch.zeros(n, PREDICTION_TOP_K, dtype=torch.float16)
+        self.picked = torch.zeros(n)
+
+    def observe(self, c: slice, logp: torch.Tensor, picked: torch.Tensor) -> None:
+        lo = max(c.start, self.first)
+        if lo >= c.stop:
+            return
+        top = logp[lo - c.start:].topk(min(PREDICTION_TOP_K, logp.shape[-1]), -1)
+        at = slice(lo - self.first, c.stop - self.first)
+        self.top_tokens[at, : top.indices.shape[-1]] = top.indices.int().cpu()
+        self.top_logp[at, : top.values.shape[-1]] = top.values.half().cpu()
+        self.picked[at] = picked[lo - c.start:].float().cpu()
+
+    def kl(self, c: slice, logp: torch.Tensor, head, cfg: UpdateConfig) -> torch.Tensor | None:
+        """The distillation loss of chunk ``c`` (``logp``: the student's log-probabilities there)."""
+        total = None
+        lo, hi = (int(x) for x in torch.searchsorted(self.gen_pos, torch.tensor([c.start, c.stop], device=self.gen_pos.device)))
+        if hi > lo:
+            with torch.no_grad():
+                ref = chunk_logp(head, self.ref_h[lo:hi], cfg.device, cfg.bf16)
+            total = (ref.exp() * (ref - logp[self.gen_pos[lo:hi] - c.start])).sum()
+        lo, hi = (int(x) for x in torch.searchsorted(self.stored_pos, torch.tensor([c.start, c.stop], device=self.stored_pos.device)))
+        if hi > lo:
+            student = logp[self.stored_pos[lo:hi] - c.start].gather(-1, self.t_tokens[lo:hi])
+            kl = top_k_kl(self.t_logp[lo:hi], student)
+            total = kl if total is None else total + kl
+        return None if total is None else total / self.n_taught
+
+    def predictions(self) -> dict[str, Prediction]:
+        out = {}
+        for ex, (lo, hi) in zip(self.replay, self.spans):
+            a, b = lo - self.first, hi - self.first
+            if b > a:
+                out[ex.id] = Prediction(self.top_tokens[a:b].clone(), self.top_logp[a:b].clone(),
+                                        float(-self.picked[a:b].mean()))
+        return out
+
+
+def top_k_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Summed KL(teacher || student) over positions, both given as log-probabilities [N, k] of the
+    teacher's ``k`` tokens, the rest of each distribution's mass counted as one more outcome."""
+    p = teacher.exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=1e-6)
+    q_rest = (1 - student.exp().sum(-1)).clamp(min=1e-6)
+    return (p * (teacher - student)).sum() + (p_rest * (p_rest.log() - q_rest.log())).sum()
+
+
+def _positions(spans: list[tuple[int, int]], device) -> torch.Tensor:
+    """The positions of ``spans`` (ascending, non-overlapping) as one sorted index tensor."""
+    if not spans:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(lo, hi, device=device) for lo, hi in spans])
 
 
 def _norm(tensors) -> torch.Tensor:
