@@ -217,3 +217,62 @@ def test_activation_checkpointing_changes_the_memory_not_the_step(tiny_model, to
     losses_ckpt, params_ckpt = after_steps(True)
     assert losses_ckpt == pytest.approx(losses, rel=1e-5)
     assert all(torch.allclose(params[n], params_ckpt[n], atol=1e-6) for n in params)
+
+
+def test_a_replayed_row_with_a_stored_prediction_is_pulled_toward_it(tiny_model, tok):
+    """Distillation's gradient with one replayed row taught by its stored prediction (KL over its top-k
+    tokens and the rest of the mass) and one by the generation, against the loss on whole logits."""
+    from learners.replay import Prediction
+    from learners.update import top_k_kl
+
+    new, replay = DATA[:2], OTHER[:2]
+    torch.manual_seed(0)
+    L = make(tiny_model, tok, constraints=frozenset({"distill"}), replay_weight=0.5, distill_weight=0.7)
+    with torch.no_grad():
+        for p in L.params.values():
+            p.add_(0.05 * torch.randn_like(p))
+    ref_state = {n: p.detach().clone() for n, p in L.params.items()}
+    b = collate(tok, new + replay, 32)
+    mask = b.labels[:, 1:] != IGNORE
+    n0 = int(mask[2].sum())
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.stack([torch.randperm(512, generator=gen)[:8] for _ in range(n0)]).int()
+    logp = torch.log_softmax(torch.randn(n0, 9, generator=gen), -1)[:, :8]  # the 9th: the rest of the mass
+    stored = Prediction(tokens, logp.half(), nll=1.0)
+
+    logits = L.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1].float()
+    student = torch.log_softmax(logits, -1)
+    picked = student.gather(-1, b.labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    nll = -(picked * mask).sum(-1) / mask.sum(-1)
+    task = (nll[:2].sum() + 0.5 * nll[2:].sum()) / 3
+    with torch.no_grad(), L.model.disable_adapter():
+        ref = torch.log_softmax(L.model(input_ids=b.input_ids[3:], attention_mask=b.attention_mask[3:])
+                                .logits[:, :-1].float(), -1)[0][mask[3]]
+    kl_generation = (ref.exp() * (ref - student[3][mask[3]])).sum()
+    kl_stored = top_k_kl(logp.half().float(), student[2][mask[2]].gather(-1, tokens.long()))
+    distill = (kl_generation + kl_stored) / (n0 + int(mask[3].sum()))
+    L.optimizer.zero_grad(set_to_none=True)
+    (task + 0.7 * distill).backward()
+    want = {n: p.grad.clone() for n, p in L.params.items()}
+
+    with torch.no_grad():
+        for name, p in L.params.items():
+            p.copy_(ref_state[name])
+    report = L.step(new, replay, [stored, None])
+    assert report.distill == pytest.approx(float(distill), rel=1e-4)
+    for name, p in L.params.items():
+        assert torch.allclose(p.grad, want[name], rtol=1e-3, atol=1e-6), name
+
+
+def test_an_arriving_sources_replayed_rows_are_learned_not_held_and_their_predictions_taken(tiny_model, tok):
+    L = make(tiny_model, tok, constraints=frozenset({"distill"}), distill_weight=5.0)
+    before = {ex.id: L.evaluate([ex]) for ex in DATA[2:4]}
+    r = L.step(DATA[:2], DATA[2:4])  # the replayed rows' source is among the new rows': no teacher
+    assert r.distill == 0 and set(r.predictions) == {ex.id for ex in DATA[2:4]}
+    for ex in DATA[2:4]:
+        p = r.predictions[ex.id]
+        n = int((collate(tok, [ex], 32).labels[:, 1:] != IGNORE).sum())
+        assert p.tokens.shape == (n, 8) and p.logp.dtype == torch.float16
+        assert p.nll == pytest.approx(before[ex.id], rel=1e-4)  # taken before the step moved the adapter
+        assert bool((p.logp[:, :-1] >= p.logp[:, 1:]).all())  # the likeliest first
+    assert L.step(DATA[:2], OTHER[:2]).distill > 0  # another source's rows: toward the generation

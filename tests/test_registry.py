@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from daemon.config import load_settings
@@ -79,6 +80,9 @@ def test_worker_resumes_from_live_and_ignores_an_unpublished_step(tmp_path, tiny
     w = LineageWorker(s, "main")
     rep = w.learn(items(12))
     assert rep.learned + rep.heldout_added == 12 and sorted(rep.ack) == sorted(i.entry_id for i in items(12))
+    w.learn(items(12, start=12))  # replays the first window's rows: their predictions are stored
+    predicted = {e.id: w.replay.prediction(e) for e in w.replay.all() if w.replay.prediction(e) is not None}
+    assert predicted
     step = w.step
     # A crash after the ledger recorded the next step but before live/ switched to it:
     w.ledger.record([("ghost", "learned")], step + 1)
@@ -93,6 +97,8 @@ def test_worker_resumes_from_live_and_ignores_an_unpublished_step(tmp_path, tiny
     assert again.duplicates == 12 and again.learned == 0 and again.steps == 0
     assert [e.id for e in w2.replay.all()] == [e.id for e in w.replay.all()] and len(w2.replay) > 0
     assert w2.heldout == w.heldout
+    assert all(torch.equal(w2.replay.prediction(e).tokens, predicted[e.id].tokens) for e in w2.replay.all()
+               if e.id in predicted) and sum(w2.replay.prediction(e) is not None for e in w2.replay.all()) == len(predicted)
 
 
 def test_gate_does_not_judge_sources_with_too_few_heldout_items(tmp_path, tiny_model):
@@ -169,8 +175,12 @@ def test_reduction_trims_the_vocabulary_and_learning_goes_on(tmp_path, tiny_mode
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
     w.learn(items(40))
+    w.learn(items(12, start=60))  # replays the first window's rows: their predictions are stored
+    assert any(w.replay.prediction(e) is not None for e in w.replay.all())
     rep = w.reduce()
     assert rep.outcome == "promoted"
+    # The predictions were the parent's (in its vocabulary): no teacher for the new generation.
+    assert all(w.replay.prediction(e) is None for e in w.replay.all()) and w.replay.generation == rep.generation
     vocab = rep.card["reduction"]["vocabulary"]
     assert vocab["kept"] and vocab["tokens"][0] == 49152 and 256 < vocab["tokens"][1] < 1000
     assert vocab["worst_ratio"] <= s.reduce_budget and set(vocab["ppl_in_parent_tokens"]) == {"d"}

@@ -1,5 +1,7 @@
+import torch
+
 from learners.data import Example
-from learners.replay import ReplayBuffer
+from learners.replay import Prediction, ReplayBuffer
 
 
 def ex(i: int, domain: str, size: int = 10) -> Example:
@@ -51,3 +53,49 @@ def test_zero_capacity_keeps_nothing():
     buf = ReplayBuffer(capacity=0)
     buf.add(ex(0, "a"))
     assert len(buf) == 0 and buf.sample(3) == []
+
+
+def pred(n: int, nll: float, fill: int = 0) -> Prediction:
+    return Prediction(torch.full((n, 8), fill, dtype=torch.int32), torch.full((n, 8), -3.0, dtype=torch.float16), nll)
+
+
+def test_a_stored_prediction_is_replaced_only_by_a_better_one_and_goes_with_its_item():
+    buf = ReplayBuffer(capacity=4, seed=0)
+    buf.extend([ex(i, "a") for i in range(4)])
+    a0, a1 = buf.all()[0], buf.all()[1]
+    assert buf.prediction(a0) is None
+    assert buf.remember({a0.id: pred(3, 2.0), "not-stored": pred(3, 0.1)}, "gen-0") == 1
+    assert buf.remember({a0.id: pred(3, 2.5, fill=1)}, "gen-0") == 0  # worse: the old one stays
+    assert int(buf.prediction(a0).tokens[0, 0]) == 0
+    assert buf.remember({a0.id: pred(3, 1.5, fill=2), a1.id: pred(2, 9.0)}, "gen-0") == 2
+    assert int(buf.prediction(a0).tokens[0, 0]) == 2 and buf.prediction(a0).nll == 1.5
+    for i in range(4, 400):  # the reservoir replaces a0 and a1 in time: their predictions go with them
+        buf.add(ex(i, "a"))
+    kept = {e.id for e in buf.all()}
+    assert all((buf.prediction(e) is not None) == (e.id in {a0.id, a1.id}) for e in buf.all())
+    assert not {a0.id, a1.id} <= kept and len(buf._predictions) == len({a0.id, a1.id} & kept)
+    # Another generation's predictions are no teacher for this one: they are dropped.
+    buf.remember({}, "gen-1")
+    assert all(buf.prediction(e) is None for e in buf.all())
+
+
+def test_predictions_round_trip_through_safetensors_for_their_generation_only(tmp_path):
+    buf = ReplayBuffer(capacity=10, seed=0)
+    buf.extend([ex(i, "a") for i in range(5)])
+    items = buf.all()
+    buf.remember({items[0].id: pred(3, 1.25, fill=7), items[2].id: pred(5, 0.5, fill=9)}, "gen-2")
+    buf.save_predictions(tmp_path / "p.safetensors")
+    clone = ReplayBuffer.from_json(buf.to_json())
+    clone.load_predictions(tmp_path / "p.safetensors", "gen-2")
+    for e in items:
+        a, b = buf.prediction(e), clone.prediction(e)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logp, b.logp) and a.nll == b.nll
+    other = ReplayBuffer.from_json(buf.to_json())
+    other.load_predictions(tmp_path / "p.safetensors", "gen-3")
+    assert all(other.prediction(e) is None for e in items)
+    empty = ReplayBuffer(capacity=3)
+    empty.save_predictions(tmp_path / "e.safetensors")
+    empty.load_predictions(tmp_path / "e.safetensors", "")
+    assert len(empty) == 0

@@ -79,6 +79,38 @@ def test_a_new_versions_batch_starts_beside_the_old_one_instead_of_after_it(tmp_
         assert job.tokens == ref[0, 2:].tolist()
 
 
+def test_a_request_joins_its_versions_running_batch_instead_of_waiting_for_it(tmp_path, tokenizer_dir):
+    """Continuous batching: a request for the version that is decoding a long answer starts at the next step
+    and finishes while the long one still decodes; both answers are generate's own."""
+    path = build_tiny_llama(tmp_path / "m", tokenizer_dir, seed=9)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    loaded = Loaded(Version("main", "gen-0000", 1, None), AutoModelForCausalLM.from_pretrained(str(path)).eval(), tok)
+    sizes = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(max_batch=4, max_queue=0, on_batch=sizes.append)  # nothing may wait: it must join
+        long = Job(loaded, [1, 400], Sampling(max_tokens=300), ["\x01"], loop)
+        batcher.submit(long)
+        while len(long.tokens) < 5:
+            await asyncio.sleep(0.01)
+        short = Job(loaded, [1, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59], Sampling(max_tokens=6), ["\x01"], loop)
+        batcher.submit(short)
+        while (await asyncio.wait_for(short.events.get(), 120))[0] != "done":
+            pass
+        at = len(long.tokens)
+        while (await asyncio.wait_for(long.events.get(), 120))[0] != "done":
+            pass
+        return at, long, short
+
+    at, long, short = asyncio.run(main())
+    assert at < 300 and len(long.tokens) == 300 and len(short.tokens) == 6 and sizes == [1, 2]
+    for job in (long, short):
+        p = job.prompt_ids
+        ref = loaded.model.generate(torch.tensor([p]), max_new_tokens=len(job.tokens), do_sample=False, pad_token_id=2)
+        assert job.tokens == ref[0, len(p):].tolist()
+
+
 def make_lineage(tmp_path, tokenizer_dir):
     registry = Registry(tmp_path / "registry")
     d = registry.lineage("main")

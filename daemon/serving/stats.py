@@ -37,7 +37,7 @@ class ServeMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.feedback = Counter("cascade_serve_feedback", "Feedback and HTTP interactions, by lineage and kind "
                                 "(reward, correction, interaction, rejected)", ["lineage", "kind"], registry=r)
-        self.batch = Histogram("cascade_serve_batch_size", "Requests decoded together per batch",
+        self.batch = Histogram("cascade_serve_batch_size", "Requests decoding together in a batch when a request joins it",
                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.generation = Gauge("cascade_serve_generation", "Generation number last served per lineage",
                                 ["lineage"], registry=r)
