@@ -6,7 +6,9 @@ without Redis and Ray in between), so that many settings can be compared side by
 on a GPU when one is present. The numbers it prints are what the defaults were chosen from; the
 published figures come from ``bench/continual.py`` through the real daemon.
 
-Usage: ``python -m bench.continual_sweep --lr 2e-3 --per-stage 160 --configs naive,default,...``
+Usage: ``python -m bench.continual_sweep --lr 2e-3 --per-stage 160 --configs "naive default ..."``
+(``--suite unlike`` and ``--heldout-fraction`` as in ``bench/continual.py``, whose data and held-out sets
+it uses for the same suite, seed and budget).
 Each config is ``name`` (a preset below) or ``name:key=value;key=value`` on top of ``default``.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, commit, foundation, write_json
-from bench.continual import DOMAINS, NEW_PER_STEP, REPLAYED_PER_STEP, load_data, summarize
+from bench.continual import NEW_PER_STEP, REPLAYED_PER_STEP, load_data, summarize
+from daemon.corpus import SUITES
 
 PRESETS = {
     "naive": {"replay_ratio": 0, "constraints": "none", "gate": "off", "curation": "none", "batch_size": NEW_PER_STEP},
@@ -39,6 +42,7 @@ def parse_config(spec: str) -> tuple[str, dict]:
 
 
 def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_model: Path) -> dict:
+    domains = list(train)
     import torch
 
     from daemon.config import Settings
@@ -53,7 +57,7 @@ def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_
         s = Settings(home=Path(home), base_model=base_model, **{**common, **overrides})
         ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
         w = LineageWorker(s, "main")
-        stages = [[r for d in DOMAINS for r in train[d]]] if name.startswith("joint") else [train[d] for d in DOMAINS]
+        stages = [[r for d in domains for r in train[d]]] if name.startswith("joint") else [train[d] for d in domains]
         if name.startswith("joint"):
             random.Random(1).shuffle(stages[0])
         rows, k = [], 0
@@ -65,7 +69,7 @@ def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_
                                        meta=r["meta"]))
             w.learn_all(its)
             model = w.learner.model
-            rows.append([evaluate_loss(model, w.tokenizer, held[d], s.max_seq_len, 8) for d in DOMAINS])
+            rows.append([evaluate_loss(model, w.tokenizer, held[d], s.max_seq_len, 8) for d in domains])
         out = {"R": rows, "seconds": time.monotonic() - t0, "update_steps": w.counters["update_steps"],
                "rollbacks": w.counters.get("rollbacks", 0), "settings": {k: str(v) for k, v in overrides.items()},
                # Settings also read CASCADE_* from the environment: record what was there, and the threads.
@@ -75,13 +79,13 @@ def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_
     return out
 
 
-def load_or_build(path: str | None, per_stage: int, heldout: int) -> tuple[dict, dict]:
+def load_or_build(path: str | None, per_stage: int, heldout: int, domains: list[str]) -> tuple[dict, dict]:
     from learners.data import Example
 
     if path and Path(path).exists():
         doc = json.loads(Path(path).read_text())
         return doc["train"], {d: [Example.from_json(x) for x in v] for d, v in doc["held"].items()}
-    train, held = load_data(per_stage, heldout)
+    train, held = load_data(per_stage, heldout, domains=domains)
     if path:
         Path(path).write_text(json.dumps({"train": train, "held": {d: [e.to_json() for e in v]
                                                                       for d, v in held.items()}}))
@@ -96,20 +100,24 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--configs", default="naive default joint", help="space-separated specs")
     ap.add_argument("--out", default="continual-sweep.json")
+    ap.add_argument("--suite", choices=sorted(SUITES), default="related")
+    ap.add_argument("--heldout-fraction", type=float, default=0.05)
     ap.add_argument("--data", help="JSON of the stages' data: read if it exists, else written (for another machine "
                     "whose corpora differ)")
     args = ap.parse_args(argv)
     base_model = foundation()
-    train, held = load_or_build(args.data, args.per_stage, args.heldout)
+    domains = SUITES[args.suite]
+    train, held = load_or_build(args.data, args.per_stage, args.heldout, domains)
     common = {"max_seq_len": args.seq, "learning_rate": args.lr, "reduce_every": 0, "window_steps": 4,
-              "heldout_fraction": 0.05}
+              "heldout_fraction": args.heldout_fraction, "curation": "none"}  # as bench/continual.py
     path = RESULTS / args.out
     doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
     for spec in args.configs.split():
         name, overrides = parse_config(spec)
         res = run(name, overrides, train, held, common, base_model)
-        res["summary"] = summarize(res, [float("nan")] * len(DOMAINS))
-        res.update(name=name, lr=args.lr, per_stage=args.per_stage, **commit())
+        res["summary"] = summarize(res, [float("nan")] * len(domains))
+        res.update(name=name, lr=args.lr, per_stage=args.per_stage, suite=args.suite,
+                   heldout_fraction=args.heldout_fraction, **commit())
         doc["runs"].append(res)
         s = res["summary"]
         print(f"{name:60s} lr={args.lr:g} n={args.per_stage} ppl={s['avg_final_ppl']:.3f} "
