@@ -33,6 +33,7 @@ unlikelihood, ``-log(1 - p(token))`` weighted by ``|r|``, pushing the response's
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,10 +345,7 @@ class Teachers:
     def __init__(self, model, batch: Batch, mask: torch.Tensor, new: Sequence[Example], replay: Sequence[Example],
                  teachers: Sequence[Prediction | None], cfg: UpdateConfig) -> None:
         self.replay, n_new = list(replay), len(new)
-        counts = mask.sum(1).tolist()
-        offsets = [0]
-        for n in counts:
-            offsets.append(offsets[-1] + n)
+        offsets = [0, *itertools.accumulate(mask.sum(1).tolist())]  # row i's positions: offsets[i]..offsets[i+1]
         self.first = offsets[n_new]
         self.spans = [(offsets[n_new + j], offsets[n_new + j + 1]) for j in range(len(self.replay))]
         arriving = {ex.domain for ex in new}
@@ -391,12 +389,12 @@ class Teachers:
     def kl(self, c: slice, logp: torch.Tensor, head, cfg: UpdateConfig) -> torch.Tensor | None:
         """The distillation loss of chunk ``c`` (``logp``: the student's log-probabilities there)."""
         total = None
-        lo, hi = (int(x) for x in torch.searchsorted(self.gen_pos, torch.tensor([c.start, c.stop], device=self.gen_pos.device)))
+        lo, hi = _within(self.gen_pos, c)
         if hi > lo:
             with torch.no_grad():
                 ref = chunk_logp(head, self.ref_h[lo:hi], cfg.device, cfg.bf16)
             total = (ref.exp() * (ref - logp[self.gen_pos[lo:hi] - c.start])).sum()
-        lo, hi = (int(x) for x in torch.searchsorted(self.stored_pos, torch.tensor([c.start, c.stop], device=self.stored_pos.device)))
+        lo, hi = _within(self.stored_pos, c)
         if hi > lo:
             student = logp[self.stored_pos[lo:hi] - c.start].gather(-1, self.t_tokens[lo:hi])
             kl = top_k_kl(self.t_logp[lo:hi], student)
@@ -427,6 +425,12 @@ def _positions(spans: list[tuple[int, int]], device) -> torch.Tensor:
     if not spans:
         return torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat([torch.arange(lo, hi, device=device) for lo, hi in spans])
+
+
+def _within(positions: torch.Tensor, c: slice) -> tuple[int, int]:
+    """The range of the sorted ``positions`` that falls in chunk ``c``."""
+    lo, hi = torch.searchsorted(positions, torch.tensor([c.start, c.stop], device=positions.device)).tolist()
+    return lo, hi
 
 
 def _norm(tensors) -> torch.Tensor:
