@@ -9,7 +9,8 @@ counts only beyond ``z * noise`` (and ``min_effect``).
 A window's verdict (:func:`judge_window`):
 
 * ``harmful`` (set aside, never learned): a held-out loss is NaN or infinite; or one source rose
-  by more than ``harm_budget`` in this one window.
+  by more than ``harm_budget`` in this one window. The worker retries the latter under stronger
+  protection like a costly window, and sets the window aside only if its last try is still harmful.
 * ``costly`` (retried under stronger protection, then deferred): a source that rose is now more
   than ``total_budget`` above its reference (the best this lineage reached on it): the bound on
   *cumulative* forgetting per source (``forgetting``); or the window made even the sources it

@@ -112,6 +112,20 @@ def test_a_costly_window_is_retried_under_stronger_protection_and_ends_learned(t
     fates_add_up(w, [first, rep])
 
 
+def test_a_large_one_window_rise_is_retried_and_learned_when_a_careful_try_fits(tmp_path, tiny_model):
+    # The first try raises the old source past the step budget; learned at a lower rate it does not: a new
+    # topic's first windows are not set aside as harmful for what a careful try does not do.
+    w = worker(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.3, gate_total_budget=50,
+               gate_step_budget=0.01, gate_retries=8, gate_min_items=4, heldout_per_domain=64)
+    first = w.learn(items(60))
+    new = [i for i in other(16) if not w._is_heldout(i.example())]
+    rep = w.learn(new)
+    assert rep.attempts > 1 and set(rep.rollbacks) == {"harm"}
+    assert rep.learned == len(new) and not rep.refused and rep.deferred == 0
+    assert w.ledger.count("learned") == first.learned + len(new) and w.ledger.count("refused") == 0
+    fates_add_up(w, [first, rep])
+
+
 def test_a_deferred_interaction_is_kept_and_learned_once_it_fits(tmp_path, tiny_model):
     kw = dict(learning_rate=0.05, heldout_fraction=0.3, gate_step_budget=50, gate_retries=0, gate_min_items=4,
               heldout_per_domain=64, gate_noise_z=0)
