@@ -121,14 +121,15 @@ class Batcher:
                 self._join(self._active[version], jobs)
             for version, batch in batches:  # one step of each, in turn
                 try:
-                    left, going = batch.running.step(lambda step, b=batch: self._on_step(b, step))
+                    gone, going = batch.running.step(lambda step, b=batch: self._on_step(b, step))
                 except Exception as e:  # noqa: BLE001 - the requests fail, the replica keeps serving
                     log.exception("decoding a batch of %d failed", len(batch.jobs))
                     for job in batch.jobs.values():
                         if job.finish is None:
+                            job.finish = "error"
                             job.send("error", f"{type(e).__name__}: {e}")
-                    left, going = list(batch.jobs), False
-                for key in left:
+                    gone, going = list(batch.jobs), False
+                for key in gone:
                     job = batch.jobs.pop(key)
                     if job.finish is None:  # the batch ended the row without a reason of ours (it cannot, but be total)
                         self._finish(job, "length")
@@ -146,6 +147,7 @@ class Batcher:
         except Exception as e:  # noqa: BLE001
             log.exception("starting %d requests failed", len(jobs))
             for job in jobs:
+                job.finish = "error"
                 job.send("error", f"{type(e).__name__}: {e}")
             return
         batch.jobs.update(zip(keys, jobs))
