@@ -286,7 +286,7 @@ class ContinualLearner:
             task_sum += float(chunk_task.detach())
             if teach is not None:
                 teach.observe(c, logp.detach(), picked.detach())
-                kl = teach.kl(c, logp, head, cfg)
+                kl = teach.kl(c, logp)
                 if kl is not None:
                     chunk_loss = chunk_loss + cfg.distill_weight * kl
                     distill_sum += float(kl.detach())
@@ -344,7 +344,8 @@ class Teachers:
 
     def __init__(self, model, batch: Batch, mask: torch.Tensor, new: Sequence[Example], replay: Sequence[Example],
                  teachers: Sequence[Prediction | None], cfg: UpdateConfig) -> None:
-        self.replay, n_new = list(replay), len(new)
+        self.replay, n_new, self.cfg = list(replay), len(new), cfg
+        _, self.head = decoder_and_head(model)
         offsets = [0, *itertools.accumulate(mask.sum(1).tolist())]  # row i's positions: offsets[i]..offsets[i+1]
         self.first = offsets[n_new]
         self.spans = [(offsets[n_new + j], offsets[n_new + j + 1]) for j in range(len(self.replay))]
@@ -362,7 +363,7 @@ class Teachers:
         self.ref_h = None
         if gen_rows:
             idx = torch.tensor([n_new + j for j in gen_rows], device=device)
-            decoder, _ = decoder_and_head(model)
+            decoder, _ = decoder_and_head(model)  # the adapter's layers live inside it; switched off here
             with torch.no_grad(), model.disable_adapter(), autocast(device, cfg.bf16):
                 ref = decoder(input_ids=batch.input_ids[idx], attention_mask=batch.attention_mask[idx],
                               use_cache=False).last_hidden_state
@@ -386,13 +387,13 @@ class Teachers:
         self.top_logp[at, : top.values.shape[-1]] = top.values.half().cpu()
         self.picked[at] = picked[lo - c.start:].float().cpu()
 
-    def kl(self, c: slice, logp: torch.Tensor, head, cfg: UpdateConfig) -> torch.Tensor | None:
+    def kl(self, c: slice, logp: torch.Tensor) -> torch.Tensor | None:
         """The distillation loss of chunk ``c`` (``logp``: the student's log-probabilities there)."""
         total = None
         lo, hi = _within(self.gen_pos, c)
         if hi > lo:
             with torch.no_grad():
-                ref = chunk_logp(head, self.ref_h[lo:hi], cfg.device, cfg.bf16)
+                ref = chunk_logp(self.head, self.ref_h[lo:hi], self.cfg.device, self.cfg.bf16)
             total = (ref.exp() * (ref - logp[self.gen_pos[lo:hi] - c.start])).sum()
         lo, hi = _within(self.stored_pos, c)
         if hi > lo:

@@ -157,6 +157,18 @@ def test_saved_adapter_reloads_to_the_same_outputs(tiny_model, tok, tmp_path):
     assert evaluate_loss(M.model, tok, DATA, 32) == pytest.approx(M.evaluate(DATA), abs=1e-6)
 
 
+def reference_gradients(L: ContinualLearner, loss: torch.Tensor, state: dict) -> dict:
+    """The adapter's gradients of ``loss`` (written on whole logits), with the adapter set back to ``state``
+    so that the step under test starts where the reference did."""
+    L.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in L.params.items()}
+    with torch.no_grad():
+        for name, p in L.params.items():
+            p.copy_(state[name])
+    return want
+
+
 @pytest.mark.parametrize("chunk", [7 * 512, 1 << 24])  # a few positions at a time (the tiny vocabulary is 512), all
 def test_the_chunked_loss_has_the_gradient_of_the_whole_logits_loss(tiny_model, tok, monkeypatch, chunk):
     """Without whole logits the step still takes the gradient of the loss written out on whole logits:
@@ -192,13 +204,7 @@ def test_the_chunked_loss_has_the_gradient_of_the_whole_logits_loss(tiny_model, 
                                      .logits[:, :-1].float(), -1)
     kl = (ref_logp.exp() * (ref_logp - logp[3:])).sum(-1)
     distill = (kl * mask[3:]).sum() / mask[3:].sum()
-    L.optimizer.zero_grad(set_to_none=True)
-    (task + 0.7 * distill).backward()
-    want = {n: p.grad.clone() for n, p in L.params.items()}
-
-    with torch.no_grad():
-        for name, p in L.params.items():
-            p.copy_(ref_state[name])
+    want = reference_gradients(L, task + 0.7 * distill, ref_state)
     report = L.step(new, replay)  # no clipping: the gradients stay on the parameters as computed
     assert report.task_loss == pytest.approx(float(task), rel=1e-5)
     assert report.distill == pytest.approx(float(distill), rel=1e-4)
@@ -251,13 +257,7 @@ def test_a_replayed_row_with_a_stored_prediction_is_pulled_toward_it(tiny_model,
     kl_generation = (ref.exp() * (ref - student[3][mask[3]])).sum()
     kl_stored = top_k_kl(logp.half().float(), student[2][mask[2]].gather(-1, tokens.long()))
     distill = (kl_generation + kl_stored) / (n0 + int(mask[3].sum()))
-    L.optimizer.zero_grad(set_to_none=True)
-    (task + 0.7 * distill).backward()
-    want = {n: p.grad.clone() for n, p in L.params.items()}
-
-    with torch.no_grad():
-        for name, p in L.params.items():
-            p.copy_(ref_state[name])
+    want = reference_gradients(L, task + 0.7 * distill, ref_state)
     report = L.step(new, replay, [stored, None])
     assert report.distill == pytest.approx(float(distill), rel=1e-4)
     for name, p in L.params.items():
