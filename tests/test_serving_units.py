@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,3 +154,37 @@ def test_a_followed_lineage_is_loaded_when_its_checkpoint_becomes_durable_not_wh
     ids = torch.tensor([[1, 400, 500]])
     with torch.no_grad():  # the adapter (non-zero B) really is merged into the live model, not the generation
         assert not torch.allclose(got.model(ids).logits, base.model(ids).logits)
+
+
+def test_a_merged_version_has_peft_s_weights_and_leaves_its_generation_untouched(tmp_path, tokenizer_dir):
+    """``merged_copy`` (what a swap runs) gives the weights PEFT's own merge gives, writes nothing of the
+    generation (a request decoding on it is undisturbed), shares the tensors the adapter does not touch, and
+    refuses an adapter whose formula it does not implement, naming the field."""
+    import copy
+    import json
+
+    from peft import PeftModel
+
+    from learners.merge import merged_copy
+
+    registry, d, model_dir = make_lineage(tmp_path, tokenizer_dir)
+    publish_checkpoint(d, model_dir, 3)
+    adapter = d.live_target()
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = merged_copy(base, adapter)
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).merge_and_unload()
+    ids = torch.tensor([[1, 400, 500, 600]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
+    assert merged.model.embed_tokens.weight is base.model.embed_tokens.weight
+    assert merged.model.layers[0].mlp.down_proj.weight is not base.model.layers[0].mlp.down_proj.weight
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    odd = tmp_path / "dora"
+    shutil.copytree(adapter, odd)
+    (odd / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        merged_copy(base, odd)

@@ -203,6 +203,15 @@ class CascadeAPI:
             except asyncio.TimeoutError:
                 raise APIError(503, f"the request took longer than {self.s.serve_timeout_s:g} s", "timeout",
                                retry_after=1) from None
+            # Text that arrived meanwhile goes out as one event: a loaded replica sends fewer, larger chunks
+            # (each one a message through Serve's proxy) instead of falling behind one token at a time.
+            while kind == "text" and not job.events.empty():
+                more_kind, more = job.events.get_nowait()
+                if more_kind != "text":
+                    yield kind, value
+                    kind, value = more_kind, more
+                    break
+                value += more
             yield kind, value
             if kind in ("done", "error"):
                 return

@@ -9,8 +9,9 @@ A name is resolved on every request, from what is durable in the registry at tha
 
 The cache is keyed by :class:`Version` (lineage, generation, step and the checkpoint's directory), never by
 name, so a name can never be answered by weights it no longer means: a new checkpoint is a new key. Adapters
-are merged into a private copy of their generation (one module per version, nothing shared is mutated), so
-requests in flight keep the module they started with even after it leaves the cache. Why not Serve's model
+are merged into a copy of their generation (``learners.merge.merged_copy``: one module per version, its
+adapted weights its own, the generation's other tensors shared and never written), so requests in flight keep
+the module they started with even after it leaves the cache. Why not Serve's model
 multiplexing: it caches per model *id* and routes by it, which is exactly the stale-weights-under-one-name
 trap; resolving to a version first and caching by version is the fix, and a small LRU per replica suffices.
 
@@ -21,7 +22,6 @@ a request for the new version that arrives while it loads waits for that one loa
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import threading
 import time
@@ -191,10 +191,8 @@ class ModelCache:
         base, tokenizer = self._base(self.registry.lineage(version.lineage).path / version.generation)
         if version.adapter is None:
             return Loaded(version, base, tokenizer)
-        from peft import PeftModel
+        from learners.merge import merged_copy
 
         # A newer checkpoint may remove this directory while it loads: the load then fails and ``get``
         # resolves the name again (an open file stays readable, so a load is never torn).
-        private = copy.deepcopy(base)
-        model = PeftModel.from_pretrained(private, str(version.adapter), is_trainable=False).merge_and_unload()
-        return Loaded(version, model.eval(), tokenizer)
+        return Loaded(version, merged_copy(base, version.adapter).eval(), tokenizer)
