@@ -419,7 +419,7 @@ class Chaos:
         from learners._compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()  # before bench.crash's check imports peft
-        from bench.crash import _loads
+        from bench.crash import registry_loads
 
         lineage = self.home / "registry" / "main"
         state = json.loads((lineage / "live" / "state.json").read_text())
@@ -471,7 +471,7 @@ class Chaos:
             "hostile_dead_lettered": len(self.producer.bad) - len(hostile_missing),
             "hostile_missing": hostile_missing[:20], "hostile_wrong_reason": wrong_reason[:20],
             "hostile_by_reason": dict(Counter(self.producer.bad.values())),
-            "generation": (lineage / "CURRENT").read_text().strip(), "registry_loads": _loads(lineage),
+            "generation": (lineage / "CURRENT").read_text().strip(), "registry_loads": registry_loads(lineage),
             "drained": drained, "last_exit_code": exit_code,
             "faults": self.records, "samples": self.samples,
         }

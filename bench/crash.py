@@ -172,11 +172,11 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
             "published_ids": len(ids),
             "learned": state["interactions_learned"], "held_out": heldout, "dead_lettered": len(ids & dead),
             "lost": len(lost), "lost_ids": lost[:20], "duplicated": learned_or_held - len(ledger & ids),
-            "generation": (lineage / "CURRENT").read_text().strip(), "registry_loads": _loads(lineage),
+            "generation": (lineage / "CURRENT").read_text().strip(), "registry_loads": registry_loads(lineage),
             "last_exit_clean": clean_exit}
 
 
-def _loads(lineage: Path) -> bool:
+def registry_loads(lineage: Path) -> bool:
     from peft import PeftModel
 
     from learners.update import load_causal_lm

@@ -1,9 +1,9 @@
 """Edge benchmark: each generation as a GGUF file in llama.cpp, against transformers on the same machine.
 
 For SmolLM2-135M (gen-0000) and reduced generations of it (keep 0.8 / 0.6 / 0.4 of the non-embedding
-parameters, pruned with the daemon's own importance, allocation and least-squares refit on Python
-calibration data; keep 0.6 also with the vocabulary trimmed to the lineage's text, as
-CASCADE_REDUCE_VOCAB=on does), per GGUF type (f16, q8_0): file size, load time, llama.cpp prompt and
+parameters, made by the daemon's reducer ``learners.reduce.reduce`` on Python data: its importance,
+allocation search and least-squares refit, without reconstruction or healing; keep 0.6 also with the
+vocabulary trimmed to the lineage's text, as CASCADE_REDUCE_VOCAB=on does), per GGUF type (f16, q8_0): file size, load time, llama.cpp prompt and
 generation tokens/s on ``--threads`` threads, held-out perplexity against transformers fp32 (and the
 share of positions whose greedy token agrees); transformers fp32 and bf16 generation tokens/s beside.
 
@@ -12,7 +12,7 @@ instead of falling back to F16) costs against the old multiple of 8, at keep 0.6
 after pruning, parameters, q8_0 file size and llama.cpp speed.
 
 Not healed: healing (distillation) changes perplexities, not file sizes or speeds, and takes long on
-2 cores. Run: ``python -m bench.edge`` (``--quick``: gen-0000 and keep 0.6 only, 4 held-out items, no bf16).
+2 cores. Run: ``python -m bench.edge`` (``--quick``: gen-0000 and keep 0.6 only, width only, 4 held-out items, no bf16).
 Writes bench/results/edge.json and edge.png.
 """
 from __future__ import annotations
@@ -44,40 +44,21 @@ def run_info(threads: int) -> dict:
             "python": sys.version.split()[0], "load_average_at_end": os.getloadavg()}
 
 
-def importance_of(base: Path, data: dict, seq: int):
-    """The daemon's activation importance of ``base`` on the lineage's calibration items (computed once)."""
-    from transformers import AutoTokenizer
-
-    from learners.reduction import activation_importance
-    from learners.update import load_causal_lm
-
-    tok = AutoTokenizer.from_pretrained(str(base))
-    model = load_causal_lm(base).eval()
-    return model, tok, activation_importance(model, data["calib"], tok, seq)
-
-
-def reduced(scored, keep: float, data: dict, seq: int, out: Path, multiple: int = 32, trim: bool = False,
-            choose: bool = True) -> dict:
-    """A generation pruned to ``keep`` the way the daemon prunes (without healing), saved to ``out``."""
+def reduced(teacher, tok, keep: float, data: dict, seq: int, out: Path, plan=None, trim: bool = False) -> dict:
+    """A generation reduced to ``keep`` by the daemon's reducer (``learners.reduce.reduce``: its allocation search
+    unless ``plan`` fixes one, its least-squares refit where the gate set agrees, the vocabulary trimmed to the
+    lineage's text when ``trim``; no reconstruction or healing), saved to ``out``."""
     import torch
 
-    from bench.reduction import choose_plan
-    from learners.reduction import count_parameters, prune
-    from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
-    from policies.reduction import ModelShape, plan_reduction
+    from bench.reduction import reduce_once
 
-    model, tok, importance = scored
-    if choose:
-        plan, _ = choose_plan(model, importance, tok, data["calib"], seq, keep)
-    else:  # width only, rounded to ``multiple`` (the allocation the daemon chose on SmolLM2 at keep 0.6)
-        plan = plan_reduction(ModelShape.of(model.config), keep, multiple=multiple)
-    small = prune(model, importance, plan.intermediate, plan.kv_heads, plan.layers)
-    if trim:
-        small, tok = trim_vocabulary(small, tok, kept_token_ids(tok, token_counts(tok, data["calib"] + data["train"])))
+    own = data["train"] + data["calib"]  # what the lineage has seen: calibration, and the vocabulary it keeps
+    red = reduce_once(teacher, tok, data, seq, keep, heal_steps=0, calibration=own, vocabulary=own if trim else None,
+                      plan=plan, reconstruct="off")
     with torch.no_grad():
-        small.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
-    return {"plan": plan.label, "n_params": count_parameters(small), "vocab": small.config.vocab_size}
+        red.model.save_pretrained(str(out), safe_serialization=True)
+    red.tokenizer.save_pretrained(str(out))
+    return {"plan": red.record.plan.label, "n_params": red.record.n_params_after, "vocab": red.model.config.vocab_size}
 
 
 def hf_speed(model_dir: Path, prompt_ids: list[int], threads: int, dtype: str) -> dict:
@@ -201,7 +182,11 @@ def main(argv=None) -> int:
 
     import torch
 
+    from transformers import AutoTokenizer
+
     from bench.reduction import load_data
+    from learners.update import load_causal_lm
+    from policies.reduction import ModelShape, plan_reduction
     from learners.export_check import compare  # noqa: F401  (fails early without llama-cpp-python)
 
     torch.set_num_threads(args.threads)
@@ -218,19 +203,21 @@ def main(argv=None) -> int:
         print("gen-0000", flush=True)
         rows.append(measure("gen-0000", base, held, args.threads, work, {"plan": "unpruned"}, dtypes,
                             max_tokens=max_tokens))
-        scored = importance_of(base, data, seq)
+        teacher, tok = load_causal_lm(base).eval(), AutoTokenizer.from_pretrained(str(base))
         keeps = [(0.6, False)] if args.quick else [(0.8, False), (0.6, False), (0.6, True), (0.4, False)]
         for keep, trim in keeps:
             name = f"keep-{keep}" + ("+vocab" if trim else "")
             print(name, flush=True)
-            info = reduced(scored, keep, data, seq, work / name, trim=trim, choose=not args.quick)
+            fixed = plan_reduction(ModelShape.of(teacher.config), keep) if args.quick else None
+            info = reduced(teacher, tok, keep, data, seq, work / name, plan=fixed, trim=trim)
             rows.append(measure(name, work / name, held, args.threads, work, {"keep": keep, **info}, dtypes,
                                 max_tokens=max_tokens))
         # What rounding the MLP width to 32 instead of 8 costs (keep 0.6, width only, the same importance).
         for m in (8, 32):
             name = f"keep-0.6-width{m}"
             print(name, flush=True)
-            info = reduced(scored, 0.6, data, seq, work / name, multiple=m, choose=False)
+            info = reduced(teacher, tok, 0.6, data, seq, work / name,
+                           plan=plan_reduction(ModelShape.of(teacher.config), 0.6, multiple=m))
             r = measure(name, work / name, held, args.threads, work, info, hf_dtypes=(), types=("q8_0",),
                         max_tokens=max_tokens)
             multiple[m] = {"plan": info["plan"], "n_params": info["n_params"],

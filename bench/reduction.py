@@ -155,9 +155,10 @@ def measure_speed(spec, student, tok, examples, seq: int, student_dir: Path, rep
 
 
 def reduce_once(spec, tok, data: dict, seq: int, keep: float, heal_steps: int, calibration, heal_items=None,
-                **switches):
+                vocabulary=None, **switches):
     """The daemon's reducer at one keep ratio, no back-off (a budget nothing fails): judged on the target
-    held-out set as the daemon judges on its lineage's, the other domain watched alongside."""
+    held-out set as the daemon judges on its lineage's, the other domain watched alongside; the vocabulary
+    trimmed to what ``vocabulary`` uses when it is given."""
     import math
 
     from learners.reduce import ReductionData, Switches, reduce
@@ -165,9 +166,9 @@ def reduce_once(spec, tok, data: dict, seq: int, keep: float, heal_steps: int, c
 
     own = data["train"] + data["calib"]
     rd = ReductionData(calibration=list(calibration), heal=list(heal_items or own), gate={"target": data["held"]},
-                       watch={"other": data["other_held"]})
+                       watch={"other": data["other_held"]}, vocabulary=vocabulary)
     policy = ReductionPolicy(every=0, keep=keep, budget=math.inf, max_tries=1)
-    return reduce(spec, tok, rd, policy, Switches(max_seq_len=seq, heal_steps=heal_steps, **switches))
+    return reduce(spec, tok, rd, policy, Switches(max_seq_len=seq, batch_size=8, heal_steps=heal_steps, **switches))
 
 
 def stages(t) -> dict:

@@ -14,13 +14,14 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from learners.config import ALL_CONSTRAINTS, UpdateConfig
-from policies.curation import DECISIONS, DEFAULT_DECISIONS, parse_decisions
+from policies.curation import DECISIONS, CurationConfig, JunkLimits, parse_decisions
 from policies.reduction import ReductionPolicy
 
 _toml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("cascade_toml", default=None)
 
 
 _U = UpdateConfig()  # the update step's defaults, written once (learners/config.py)
+_C = CurationConfig()  # curation's, likewise (policies/curation.py)
 ESSENTIAL, TUNING, EXPERIMENTAL = ({"group": g} for g in ("essential", "tuning", "experimental"))
 
 
@@ -114,7 +115,7 @@ class Settings(BaseSettings):
                              "set aside as unlearnable", json_schema_extra=TUNING)
 
     # -- curation: what is worth learning (policies/curation.py, docs/curation.md) -----------------
-    curation: str = Field(",".join(DEFAULT_DECISIONS), description="what each lineage skips before learning: "
+    curation: str = Field(",".join(_C.decisions), description="what each lineage skips before learning: "
                           "'none' (everything valid is learned) or a comma list of " + ",".join(DECISIONS) + ": "
                           "exact = the same prompt and response learned recently, near = a MinHash near-duplicate "
                           "of recent content, junk = a response of hardly any letters or digits or looping words, "
@@ -123,23 +124,23 @@ class Settings(BaseSettings):
                           "curation_loss_high]. The default holds only the decisions that never skip new text "
                           "(fair and loss wait for bench/curation to choose their numbers); skipped interactions "
                           "go to <stream>:skipped with their reason", json_schema_extra=ESSENTIAL)
-    curation_capacity: int = Field(10_000, ge=1, le=10_000_000, description="recent items per lineage the exact "
+    curation_capacity: int = Field(_C.capacity, ge=1, le=10_000_000, description="recent items per lineage the exact "
                                    "and near-duplicate checks remember (each; the oldest forgotten first; 512 bytes "
                                    "of MinHash an item at num_perm 128)", json_schema_extra=TUNING)
-    curation_threshold: float = Field(0.8, ge=0.3, le=1.0, description="estimated Jaccard similarity of word "
+    curation_threshold: float = Field(_C.threshold, ge=0.3, le=1.0, description="estimated Jaccard similarity of word "
                                       "3-gram shingles at which an interaction is a near-duplicate",
                                       json_schema_extra=TUNING)
-    curation_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: a finer "
+    curation_num_perm: int = Field(_C.num_perm, ge=16, le=1024, description="MinHash permutations (more: a finer "
                                    "similarity estimate, more time and memory per item)", json_schema_extra=TUNING)
-    curation_fair_share: float = Field(0.5, gt=0, le=1.0, description="largest share of a window one source may "
+    curation_fair_share: float = Field(_C.fair_share, gt=0, le=1.0, description="largest share of a window one source may "
                                        "take while other sources share the window ('fair')", json_schema_extra=TUNING)
-    curation_min_alnum: float = Field(0.25, ge=0, le=1.0, description="'junk': share of a response's visible "
+    curation_min_alnum: float = Field(_C.junk.min_alnum_share, ge=0, le=1.0, description="'junk': share of a response's visible "
                                       "characters (from 8) that must be letters or digits", json_schema_extra=TUNING)
-    curation_max_repetition: float = Field(0.75, gt=0, le=1.0, description="'junk': largest share of repeated word "
+    curation_max_repetition: float = Field(_C.junk.max_repetition, gt=0, le=1.0, description="'junk': largest share of repeated word "
                                            "3-grams in a response of 16 words or more", json_schema_extra=TUNING)
-    curation_loss_low: float = Field(0.05, ge=0, description="'loss': nats/token under which a response is "
+    curation_loss_low: float = Field(_C.loss_low, ge=0, description="'loss': nats/token under which a response is "
                                      "already known (skipped as known)", json_schema_extra=TUNING)
-    curation_loss_high: float = Field(9.0, gt=0, description="'loss': nats/token over which a response is noise to "
+    curation_loss_high: float = Field(_C.loss_high, gt=0, description="'loss': nats/token over which a response is noise to "
                                       "the model (skipped as improbable)", json_schema_extra=TUNING)
     skipped_max_entries: int = Field(100_000, ge=1, le=100_000_000, description="entries <stream>:skipped keeps "
                                      "(XADD MAXLEN ~), and skip records each lineage's ledger keeps",
@@ -411,18 +412,14 @@ class Settings(BaseSettings):
         learner before its first report; from then on the learner says (``LearnReport.window``), since
         phases and self-tuning change the ratio in force."""
         # Not update_config(): resolving CASCADE_DEVICE=auto loads torch, which the driver never needs.
-        replay = UpdateConfig(batch_size=self.batch_size, replay_ratio=self.replay_ratio).replay_count()
-        return max(1, self.batch_size - replay) * self.window_steps
+        return UpdateConfig(batch_size=self.batch_size, replay_ratio=self.replay_ratio).new_per_step() * self.window_steps
 
     @property
     def curation_decisions(self) -> tuple[str, ...]:
         return parse_decisions(self.curation)
 
     def curation_config(self):
-        """The lineage's curation (``learners.curation.CurationConfig``; imports numpy and datasketch)."""
-        from learners.curation import CurationConfig
-        from policies.curation import JunkLimits
-
+        """The lineage's curation decisions and their numbers."""
         return CurationConfig(decisions=self.curation_decisions, capacity=self.curation_capacity,
                               num_perm=self.curation_num_perm, threshold=self.curation_threshold,
                               fair_share=self.curation_fair_share, loss_low=self.curation_loss_low,

@@ -17,6 +17,7 @@ It follows one lineage of a daemon's serving API:
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -158,6 +159,7 @@ class EdgeNode:
         self.served: dict[str, Served] = {}
         self.downloads = self.sent = self.refused = 0
         self.link_up = False
+        self.rounds: collections.Counter[str] = collections.Counter()  # background rounds: pull/flush, ok/failed
         self.stop_event = threading.Event()
         state = home / "state.json"
         if state.is_file():
@@ -323,15 +325,18 @@ class EdgeNode:
         return {"status": "ok" if self.llm is not None else "waiting", "lineage": self.lineage, "node": self.node,
                 "generation": self.current.get("generation"), "file": self.current.get("file"),
                 "downloads": self.downloads, "outbox": len(self.outbox), "sent": self.sent, "refused": self.refused,
-                "link_up": self.link_up}
+                "link_up": self.link_up, "polls": self.rounds["pull ok"] + self.rounds["pull failed"],
+                "send_failures": self.rounds["flush failed"]}
 
     def _loop(self, every: float, fn, what: str) -> None:
         while not self.stop_event.is_set():
             try:
                 fn()
                 self.link_up = True
+                self.rounds[f"{fn.__name__} ok"] += 1
             except Exception as e:  # noqa: BLE001 - the link or the daemon is down: try again later, never die
                 self.link_up = False
+                self.rounds[f"{fn.__name__} failed"] += 1
                 log.warning("edge: %s failed (will retry): %s", what, e)
             self.stop_event.wait(every)
 

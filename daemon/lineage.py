@@ -187,7 +187,7 @@ class LineageWorker:
 
     def new_per_step(self) -> int:
         """New rows in a batch of ``batch_size`` at the replay ratio in force (phase and self-tuning included)."""
-        return max(1, self.s.batch_size - self.learner.config.replay_count())
+        return self.learner.config.new_per_step()
 
     def window_items(self) -> int:
         """New interactions the next window wants: ``window_steps`` full batches at the replay ratio in force.

@@ -37,3 +37,8 @@ class UpdateConfig:
         if self.replay_ratio <= 0:
             return 0
         return max(1, round(self.batch_size * self.replay_ratio))
+
+    def new_per_step(self) -> int:
+        """New rows per batch: the rest of ``batch_size`` (at least one). An update window is
+        ``window_steps`` of these."""
+        return max(1, self.batch_size - self.replay_count())

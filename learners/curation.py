@@ -20,14 +20,14 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from policies.curation import (JunkLimits, Skip, content_key, exact_duplicate, flood, junk, loss_band,
+from policies.curation import (CurationConfig, JunkLimits, Skip, content_key, exact_duplicate, flood, junk, loss_band,
                                near_duplicate, quotas, shingles, text_stats)
 
 log = logging.getLogger("cascade.curation")
@@ -48,18 +48,6 @@ class Candidate:
     reward: float = 1.0
     sources: tuple[tuple[str, str], ...] = ()
     exempt: bool = False  # learned whatever curation would decide (an operator's replay: meta.curation "off")
-
-
-@dataclass(frozen=True)
-class CurationConfig:
-    decisions: tuple[str, ...] = ("exact", "near", "junk")
-    capacity: int = 10_000  # exact hashes and MinHashes kept per lineage (each; CASCADE_CURATION_CAPACITY)
-    num_perm: int = 128
-    threshold: float = 0.8  # estimated Jaccard similarity at which content is a near-duplicate
-    fair_share: float = 0.5
-    loss_low: float = 0.05
-    loss_high: float = 9.0
-    junk: JunkLimits = field(default_factory=JunkLimits)
 
 
 def content_hash(prompt: str, response: str) -> str:

@@ -24,8 +24,8 @@ from learners.update import ContinualLearner, UpdateConfig
 
 @dataclass(frozen=True)
 class ReptileConfig:
-    rounds: int = 24
-    inner_steps: int = 4
+    rounds: int  # CASCADE_META_ROUNDS in the daemon
+    inner_steps: int  # CASCADE_META_INNER_STEPS
     meta_lr: float = 0.5  # eps at the first round
     inner_lr: float = 2e-3
     batch_size: int = 8

@@ -57,12 +57,13 @@ class ReductionData:
 
 @dataclass
 class Switches:
-    """How the steps run. The defaults are the daemon's; benchmarks change one at a time."""
+    """How the steps run. The daemon's come from its settings (``Settings.reduction_switches``); benchmarks
+    change one at a time."""
 
     max_seq_len: int
-    batch_size: int = 8
+    batch_size: int  # rows per forward pass when scoring and measuring
+    heal_steps: int
     bf16: bool = False
-    heal_steps: int = 20
     heal_lr: float = 5e-5
     heal_batch: int = 4
     importance: Literal["activation", "magnitude", "random"] = "activation"

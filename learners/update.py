@@ -58,9 +58,7 @@ class StepReport:
     task_loss: float
     anchor: float
     distill: float
-    grad_norm: float
     update_norm: float  # the step's L2 change to the adapter, measured when the cap is on (else 0)
-    n_new: int
     n_replay: int
     tokens: int  # loss-carrying tokens of every row, replayed ones included
     new_tokens: int  # loss-carrying tokens of the new rows only
@@ -193,7 +191,7 @@ class ContinualLearner:
             self.model = get_peft_model(base, lora)
         self.model.to(config.device).train()
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=config.learning_rate, weight_decay=0.0)
+        self.reset_optimizer()
         self._accepted = self._snapshot()
 
     # -- state -------------------------------------------------------------------------------
@@ -232,9 +230,12 @@ class ContinualLearner:
             for name, p in self.params.items():
                 p.requires_grad_(modules is None or any(f".{m}." in name for m in modules))
 
-    def reset_optimizer(self) -> None:
-        """Forget the optimizer's moments (a new task starts from scratch, as in Reptile's inner loop)."""
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=self.config.learning_rate, weight_decay=0.0)
+    def reset_optimizer(self, kind: type[torch.optim.Optimizer] = torch.optim.AdamW, **options) -> None:
+        """Forget the optimizer's moments (a new task starts from scratch, as in Reptile's inner loop); ``kind``
+        and ``options`` give another optimizer (plain SGD makes a step's size readable from its gradient)."""
+        options = {"lr": self.config.learning_rate, **({"weight_decay": 0.0} if kind is torch.optim.AdamW else {}),
+                   **options}
+        self.optimizer = kind(self.params.values(), **options)
 
     def save(self, directory: str | Path) -> None:
         """A standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
@@ -322,7 +323,7 @@ class ContinualLearner:
                         for p, b, d in zip(params, before, deltas):
                             p.copy_(b + d * scale)
         return StepReport(loss=loss.item(), task_loss=task.item(), anchor=anchor.item(), distill=distill.item(),
-                          grad_norm=grad_norm, update_norm=update_norm, n_new=len(new), n_replay=len(replay),
+                          update_norm=update_norm, n_replay=len(replay),
                           tokens=batch.n_tokens, new_tokens=int((batch.labels[: len(new)] != IGNORE).sum()),
                           predictions=teach.predictions() if teach is not None else {})
 

@@ -28,7 +28,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DECISIONS = ("exact", "near", "junk", "fair", "loss")
 # Conservative until bench/curation measures the others: nothing here skips text that is new.
@@ -119,6 +119,20 @@ class JunkLimits:
     min_words: int = 16
     max_markup_share: float = 0.8  # tags and entities with hardly any text between them
     max_undecodable_share: float = 0.05  # text this full of U+FFFD or control characters was not text
+
+
+@dataclass(frozen=True)
+class CurationConfig:
+    """A lineage's curation: which decisions run, and their numbers (the defaults of the CASCADE_CURATION_*
+    settings, written once here)."""
+    decisions: tuple[str, ...] = DEFAULT_DECISIONS
+    capacity: int = 10_000  # exact hashes and MinHashes kept per lineage (each)
+    num_perm: int = 128  # MinHash permutations
+    threshold: float = 0.8  # estimated Jaccard similarity at which content is a near-duplicate
+    fair_share: float = 0.5  # largest share of a window one source may take while others share it
+    loss_low: float = 0.05  # nats/token under which a response is already known
+    loss_high: float = 9.0  # nats/token over which a response is noise to the model
+    junk: JunkLimits = field(default_factory=JunkLimits)
 
 
 def junk(stats: TextStats, limits: JunkLimits = JunkLimits()) -> Skip | None:

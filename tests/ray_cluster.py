@@ -6,7 +6,8 @@ loopback. ``ray start --address`` cannot be used for this on loopback: it refuse
 while ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the setting that keeps Ray on 127.0.0.1), and without it
 it rewrites 127.0.0.1 into the machine's external address.
 
-``python -m tests.ray_cluster PORT`` puts the head's Ray Client server on PORT (default: a free port).
+``python -m tests.ray_cluster PORT`` puts the head's Ray Client server on PORT (the caller picks a free one,
+as ``tests.conftest.free_port`` does, outside the ranges Ray's own processes take).
 
 Protocol: one JSON line on stdout per command read from stdin.
   start (no command)  {"address": GCS address, "client_address": "ray://..." (Ray Client), "worker": node id}
@@ -25,7 +26,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import json  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -36,15 +36,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 NODE = {"node_ip_address": "127.0.0.1", "object_store_memory": 128 << 20}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    client_port = int(sys.argv[1]) if len(sys.argv) > 1 else free_port()
+    client_port = int(sys.argv[1])
     os.makedirs("/tmp/ray", exist_ok=True)  # the harness records the head's address there and assumes it exists
     cluster = Cluster(initialize_head=True, head_node_args={
         **NODE, "num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False, "temp_dir": temp_dir,

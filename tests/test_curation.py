@@ -10,8 +10,8 @@ from daemon.foundation import ensure_foundation
 from daemon.lineage import LineageWorker
 from daemon.registry import Registry
 from daemon.schema import Interaction
-from learners.curation import Candidate, ContentIndex, CurationConfig, Curator
-from policies.curation import (JunkLimits, content_key, flood, junk, loss_band, near_duplicate, parse_decisions,
+from learners.curation import Candidate, ContentIndex, Curator
+from policies.curation import (CurationConfig, JunkLimits, content_key, flood, junk, loss_band, near_duplicate, parse_decisions,
                                quotas, shingles, text_stats, words)
 from tests.test_registry import settings
 

@@ -114,7 +114,10 @@ def test_a_kill_9_between_the_skip_and_its_acknowledgement_loses_nothing_and_the
             break
         assert time.monotonic() < deadline, f"the skips did not become durable: {seen}"
         time.sleep(0.2)
-    time.sleep(2.0)  # several loops of the driver retrying the copy
+    retries = d.log.read_text().count("skipped interactions to")
+    while d.log.read_text().count("skipped interactions to") < retries + 3:  # the driver retried the copy 3 times
+        assert time.monotonic() < deadline, "the driver did not retry copying the skips"
+        time.sleep(0.2)
     assert group_info(r, STREAM, GROUP).pending == 2, "a skip was acknowledged before it was copied"
     d.kill()  # SIGKILL of the daemon's process group: driver, Ray, actors
     r.delete(SKIPPED)

@@ -90,7 +90,7 @@ def test_grafana_dashboard_is_valid_and_queries_exported_metrics():
         assert needed in used, f"no panel shows {needed}"
 
 
-def test_systemd_unit_runs_the_daemon_and_stops_it_gracefully():
+def test_systemd_unit_declares_the_daemon_a_graceful_stop_and_a_non_root_user():
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str
     unit.read(DEPLOY / "systemd/cascade.service")
@@ -127,7 +127,7 @@ def pyproject_pin(package: str) -> str:
     return pin  # extras dropped: "ray[serve]==2.60.0" -> "ray==2.60.0"
 
 
-def test_dockerfile_builds_a_cpu_torch_non_root_daemon_image():
+def test_dockerfile_declares_a_cpu_torch_non_root_daemon_image():
     steps = dockerfile_instructions(DEPLOY / "docker/Dockerfile")
     args = dict(a.split("=", 1) for kind, a in steps if kind == "ARG")
     assert [a for kind, a in steps if kind == "FROM"] == ["python:3.11-slim"]

@@ -116,8 +116,8 @@ def test_edge_node_follows_promotions_serves_locally_and_feeds_back_exactly_once
         h = edge.wait(lambda h: h["generation"] == "main/gen-0001")
         assert h["downloads"] == 1 and h["file"] == q8["file"]
         assert (tmp_path / "edge" / "models" / q8["file"]).stat().st_size == q8["bytes"]
-        time.sleep(3)  # three more polls: the unchanged ETag is not downloaded again
-        assert edge.health()["downloads"] == 1
+        polls = h["polls"]  # three more polls: the unchanged ETag is not downloaded again
+        assert edge.wait(lambda h: h["polls"] >= polls + 3)["downloads"] == 1
 
         # Served locally through the same API shape (completions, chat, streaming), feedback sent back.
         c = edge.client
@@ -141,13 +141,13 @@ def test_edge_node_follows_promotions_serves_locally_and_feeds_back_exactly_once
 
         # The link goes down: the edge node still answers, and buffers feedback on disk, across its own restart.
         assert d.terminate() == 0
+        failures = edge.health()["send_failures"]
         offline = [c.completions.create(model="main", prompt=f"Item {i} is", max_tokens=4, temperature=0)
                    for i in (5, 6)]
         assert httpx.post(f"{edge.base}/v1/feedback", json={"id": offline[0].id, "reward": 1}).status_code == 202
         assert httpx.post(f"{edge.base}/v1/feedback",
                           json={"id": offline[1].id, "response": " number 0."}).status_code == 202
-        time.sleep(2.5)  # two failed sends
-        h = edge.health()
+        h = edge.wait(lambda h: h["send_failures"] >= failures + 2)  # two failed sends
         assert h["outbox"] == 2 and h["link_up"] is False
         edge.kill()
         edge = EdgeProcess(api, tmp_path / "edge", tmp_path / "edge.log")

@@ -13,6 +13,7 @@ import torch
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from daemon.registry import generation_card
 from learners.data import Example
 from learners.export import ExportError, export_generation, export_gguf, parse_targets
 from learners.export_check import compare, load_llama
@@ -195,7 +196,7 @@ def home(trained, tmp_path) -> Path:
     gen.mkdir(parents=True)
     for f in trained.iterdir():
         (gen / f.name).write_bytes(f.read_bytes())
-    (gen / "card.json").write_text(json.dumps({"lineage": "main", "generation": 0, "parent": None, "n_params": 1}))
+    (gen / "card.json").write_text(json.dumps(generation_card("main", 0, None, 1)))
     (gen.parent / "CURRENT").write_text("gen-0000\n")
     return tmp_path / "home"
 

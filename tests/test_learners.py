@@ -116,7 +116,7 @@ def test_gradient_clipping_bounds_the_step(tiny_model, tok):
     def delta(constraints):
         torch.manual_seed(0)
         L = make(tiny_model, tok, constraints=constraints, max_grad_norm=1e-4)
-        L.optimizer = torch.optim.SGD(L.params.values(), lr=1.0)
+        L.reset_optimizer(torch.optim.SGD, lr=1.0)
         ref = {n: p.detach().clone() for n, p in L.params.items()}
         L.step(DATA[:4])
         return sum(float(((p - ref[n]) ** 2).sum()) for n, p in L.params.items()) ** 0.5
@@ -126,7 +126,7 @@ def test_gradient_clipping_bounds_the_step(tiny_model, tok):
 
 def test_one_step_cannot_move_the_adapter_further_than_the_cap(tiny_model, tok):
     L = make(tiny_model, tok, constraints=frozenset({"clip"}), max_grad_norm=1e6, max_update_scale=0.01)
-    L.optimizer = torch.optim.SGD(L.params.values(), lr=10.0)
+    L.reset_optimizer(torch.optim.SGD, lr=10.0)
     cap = 0.01 * L.config.learning_rate * L.n_trainable ** 0.5
     assert L.update_cap() == pytest.approx(cap)
     ref = {n: p.detach().clone() for n, p in L.params.items()}

@@ -24,8 +24,8 @@ class RayCluster:
 
     def __init__(self, log, client_port: int | None = None) -> None:
         self.log = log
-        port = [] if client_port is None else [str(client_port)]
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster", *port], stdin=subprocess.PIPE,
+        port = str(client_port if client_port is not None else free_port())
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.ray_cluster", port], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True,
                                      start_new_session=True)
         started = self._reply()

@@ -242,7 +242,7 @@ def teacher(tiny_model, tok):
 def _reduce(teacher, tok, budget=math.inf, keep=0.6, max_tries=1, **switches):
     data = ReductionData(calibration=DATA[:16], heal=DATA, gate={"d": DATA[16:]}, **switches.pop("data", {}))
     policy = ReductionPolicy(every=0, keep=keep, budget=budget, max_tries=max_tries)
-    return reduce(teacher, tok, data, policy, Switches(max_seq_len=32, heal_steps=2, **switches))
+    return reduce(teacher, tok, data, policy, Switches(max_seq_len=32, batch_size=8, heal_steps=2, **switches))
 
 
 def test_the_reducer_keeps_refit_and_reconstruction_only_where_the_gate_sets_agree(teacher, tok):

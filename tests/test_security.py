@@ -12,7 +12,7 @@ import pytest
 
 from daemon.config import load_settings
 from daemon.forking import fork_lineage
-from daemon.registry import Registry, RegistryError, check_lineage
+from daemon.registry import Registry, RegistryError, check_lineage, generation_card
 
 ROOT = Path(__file__).resolve().parents[1]
 UNPICKLERS = r"(c|cloud)?[pP]ickle|dill|shelve|marshal"
@@ -73,7 +73,7 @@ def home_with_a_generation(tmp_path) -> Path:
     gen = tmp_path / "home/registry/main/gen-0000"
     gen.mkdir(parents=True)
     (gen / "config.json").write_text("{}")
-    (gen / "card.json").write_text(json.dumps({"lineage": "main", "generation": 0, "parent": None, "n_params": 1}))
+    (gen / "card.json").write_text(json.dumps(generation_card("main", 0, None, 1)))
     (gen.parent / "CURRENT").write_text("gen-0000\n")
     return tmp_path / "home"
 
