@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import signal
 import sqlite3
@@ -477,20 +476,9 @@ class Chaos:
         }
 
 
-def environment() -> dict:
-    from importlib.metadata import version
-
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip()
-
-    redis_server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
-            "packages": {p: version(p) for p in ("ray", "redis", "torch", "transformers", "peft")},
-            "redis_server": next((w[2:] for w in redis_server if w.startswith("v=")), "?"),
-            "device": "cpu", "cpus": os.cpu_count(), "learner_threads": os.cpu_count(),
-            "python": platform.python_version(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def redis_server_version() -> str:
+    words = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
+    return next((w[2:] for w in words if w.startswith("v=")), "?")
 
 
 def plot(res: dict, path: Path) -> None:
@@ -542,10 +530,9 @@ def main(argv=None) -> int:
     ap.add_argument("--restart-sec", type=float, default=2.0, help="the supervisor's RestartSec")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from bench.common import RESULTS
+    from bench.common import RESULTS, write_json
     from tests.tiny import build_tiny_llama, save_tokenizer
 
-    env = environment()  # the commit and tree the run starts from
     work = Path(tempfile.mkdtemp(prefix="cascade-chaos-"))
     base = build_tiny_llama(work / "tiny", save_tokenizer(work / "tok"))
     if args.quick:
@@ -553,10 +540,9 @@ def main(argv=None) -> int:
                   faults=random.Random(args.seed).sample(FAULTS, len(FAULTS)), gap_s=(3.0, 8.0), outage_s=(5.0, 8.0))
     else:
         res = run(base, work, args.minutes, args.rate, args.hostile, args.seed, restart_sec=args.restart_sec)
-    res = {"environment": env, "work": str(work), **res}
+    res = {"redis_server": redis_server_version(), "learner_threads": os.cpu_count(), "work": str(work), **res}
     name = "chaos-quick" if args.quick else "chaos"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    write_json(f"{name}.json", res)  # with the provenance: commit, packages, device, threads
     plot(res, RESULTS / f"{name}.png")
     print(json.dumps({k: v for k, v in res.items() if k not in ("samples", "faults")}, indent=1))
     ok = (res["lost"] == 0 and res["learned_twice"] == 0 and res["not_recovered"] == 0 and res["registry_loads"]

@@ -133,7 +133,8 @@ def safetensors_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
-PACKAGES = ("torch", "transformers", "peft", "ray", "redis", "pydantic-settings", "avalanche-lib")
+PACKAGES = ("torch", "transformers", "peft", "ray", "redis", "pydantic-settings", "fastapi", "numpy", "gguf",
+            "llama-cpp-python", "avalanche-lib")
 
 
 def commit() -> dict:

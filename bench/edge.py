@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,18 +27,6 @@ from bench.common import RESULTS, foundation, safetensors_bytes, write_json
 
 PROMPT_TOKENS, GEN_TOKENS = 128, 64
 REPEATS = 3  # speeds are the best of this many runs: the machine is shared, and other work only slows a run down
-
-
-def run_info(threads: int) -> dict:
-    from importlib.metadata import version
-
-    def git(*args) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "versions": {p: version(p) for p in ("torch", "transformers", "gguf", "llama-cpp-python", "numpy")},
-            "device": f"cpu ({platform.processor() or platform.machine()})", "threads": threads,
-            "python": sys.version.split()[0], "load_average_at_end": os.getloadavg()}
 
 
 def reduced(teacher, tok, keep: float, data: dict, seq: int, out: Path, plan=None, trim: bool = False) -> dict:
@@ -227,7 +212,7 @@ def main(argv=None) -> int:
                            "q8_0_generation_tokens_per_s": r["gguf"]["q8_0"]["generation_tokens_per_s"]}
     g0 = rows[0]
     k6 = next(r for r in rows if r["name"] == "keep-0.6")
-    doc = {"benchmark": "edge", "quick": args.quick, "run": run_info(args.threads), "held_out_items": len(held),
+    doc = {"benchmark": "edge", "quick": args.quick, "load_average_at_end": os.getloadavg(), "held_out_items": len(held),
            "prompt_tokens": PROMPT_TOKENS, "generation_tokens": GEN_TOKENS, "generations": rows,
            "width_multiple": multiple, "seconds": time.perf_counter() - t_start,
            "targets": {

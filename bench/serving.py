@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 from bench.common import CACHE, RESULTS, foundation, free_port, write_json
@@ -40,18 +38,6 @@ def pct(xs: list[float], q: float) -> float | None:
         return None
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
-
-
-def provenance() -> dict:
-    import torch
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
-
-    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain")),
-            "versions": {p: version(p) for p in ("torch", "transformers", "peft", "ray", "fastapi")},
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
 
 
 # -- the bare loop -------------------------------------------------------------------------------------
@@ -291,7 +277,7 @@ def main(argv: list[str]) -> int:
     gen_dir = foundation()
     home = CACHE / "serving-home"
     proc, base = start_api(home, gen_dir)
-    doc: dict = {"quick": quick, "new_tokens": NEW_TOKENS, **provenance()}
+    doc: dict = {"quick": quick, "new_tokens": NEW_TOKENS}  # write_json adds the provenance
     try:
         model, tok = load_causal_lm(gen_dir).eval(), AutoTokenizer.from_pretrained(str(gen_dir))
         reps = 3 if quick else 8
