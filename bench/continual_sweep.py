@@ -71,7 +71,9 @@ def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_
             model = w.learner.model
             rows.append([evaluate_loss(model, w.tokenizer, held[d], s.max_seq_len, 8) for d in domains])
         out = {"R": rows, "seconds": time.monotonic() - t0, "update_steps": w.counters["update_steps"],
-               "rollbacks": w.counters.get("rollbacks", 0), "settings": {k: str(v) for k, v in overrides.items()},
+               "rollbacks": w.counters.get("rollbacks", 0), "learned": w.counters["interactions_learned"],
+               "deferred": w.counters["deferred"], "refused": w.counters["refused"],
+               "deferred_waiting": len(w.deferred), "settings": {k: str(v) for k, v in overrides.items()},
                # Settings also read CASCADE_* from the environment: record what was there, and the threads.
                "environment": {k: v for k, v in os.environ.items() if k.startswith("CASCADE_")},
                "precision": s.precision, "threads": torch.get_num_threads()}
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
         s = res["summary"]
         print(f"{name:60s} lr={args.lr:g} n={args.per_stage} ppl={s['avg_final_ppl']:.3f} "
               f"forget={s.get('avg_forgetting', float('nan')):.4f} plast={s.get('plasticity', [])} "
-              f"final={[round(x, 3) for x in res['R'][-1]]} rb={res['rollbacks']} {res['seconds']:.0f}s", flush=True)
+              f"final={[round(x, 3) for x in res['R'][-1]]} rb={res['rollbacks']} learned={res['learned']} "
+              f"waiting={res['deferred_waiting']} {res['seconds']:.0f}s", flush=True)
         write_json(path.name, doc)
     return 0
 
