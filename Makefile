@@ -47,9 +47,10 @@ services:
 test: install services
 	$(PY) -m pytest -x -q --durations=15 tests
 
-# The unit tier: no Ray, no daemon processes (tests/conftest.py UNIT_MODULES); about two minutes.
+# The unit tier: no Ray, no daemon processes (tests/conftest.py UNIT_MODULES), without its slowest tests
+# (SLOW_UNITS, in `make test`).
 test-fast: install services
-	$(PY) -m pytest -x -q --durations=15 -m unit tests
+	$(PY) -m pytest -x -q --durations=15 -m "unit and not slow" tests
 
 bench: install services $(AVALANCHE_STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -26,14 +26,41 @@ UNIT_MODULES = {"test_config", "test_schema", "test_replay", "test_learners", "t
                 "test_gate", "test_environment", "test_bench_common", "test_serving_units", "test_curation"}
 
 
+# Unit tests that took 8 s or more (`--durations`, on the shared 2 cores): in `make test`, not in `make test-fast`.
+SLOW_UNITS = {
+    "test_config::test_processes_that_never_load_a_model_never_import_torch",
+    "test_curation::test_the_worker_skips_with_reasons_durably_and_keeps_the_index_across_a_restart",
+    "test_environment::test_a_plain_script_imports_transformers_and_peft_and_loads_a_generation",
+    "test_foundation::test_gguf_is_converted_once_into_a_standard_gen_0000",
+    "test_gate::test_a_poisoned_burst_is_refused_as_harmful_and_set_aside",
+    "test_phases_and_tuning::test_a_lineage_tunes_itself_after_a_rollback_and_keeps_the_tuned_values",
+    "test_reduction::test_healing_by_distillation_closes_part_of_the_gap",
+    "test_reduction::test_least_squares_refit_and_reconstruction_make_up_for_what_was_pruned",
+    "test_reduction::test_reconstructing_an_unpruned_copy_changes_nothing",
+    "test_reduction::test_the_reducer_backs_off_to_larger_keeps_and_gives_up_after_the_last",
+    "test_reduction::test_the_reducer_keeps_refit_and_reconstruction_only_where_the_gate_sets_agree",
+    "test_registry::test_crash_between_generation_write_and_current_switch",
+    "test_registry::test_failed_reduction_gate_leaves_current_untouched",
+    "test_registry::test_gate_does_not_judge_sources_with_too_few_heldout_items",
+    "test_registry::test_reduction_trims_the_vocabulary_and_learning_goes_on",
+    "test_serving_units::test_a_new_versions_batch_starts_beside_the_old_one_instead_of_after_it",
+    "test_serving_units::test_a_request_joins_its_versions_running_batch_instead_of_waiting_for_it",
+    "test_stream::test_embedded_redis_62_persists_and_reports_lag",
+}
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "unit: the fast tier, no Ray or daemon processes (make test-fast)")
+    config.addinivalue_line("markers", "slow: a unit test of 8 s or more (make test runs it, make test-fast not)")
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in UNIT_MODULES:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in UNIT_MODULES:
             item.add_marker(pytest.mark.unit)
+        if f"{module}::{item.originalname}" in SLOW_UNITS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

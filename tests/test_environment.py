@@ -29,3 +29,16 @@ def test_a_plain_script_imports_transformers_and_peft_and_loads_a_generation(tin
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok (1, "), out.stdout
 
+
+
+def test_every_slow_unit_names_a_test_that_exists():
+    """``SLOW_UNITS`` (what ``make test-fast`` leaves out) names tests by module and function: a renamed test
+    would silently come back into the fast tier."""
+    import ast
+
+    from tests.conftest import ROOT, SLOW_UNITS
+
+    for entry in SLOW_UNITS:
+        module, name = entry.split("::")
+        tree = ast.parse((ROOT / "tests" / f"{module}.py").read_text())
+        assert name in {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}, entry
