@@ -178,6 +178,12 @@ def write_json(name: str, doc: dict) -> Path:
     return p
 
 
+def run_line(doc: dict) -> str:
+    """The line under a table whose rows all come from the one run ``doc`` records."""
+    p = doc.get("provenance", {})
+    return f"(one run: commit {p.get('commit', '?')}{'+dirty' if p.get('dirty') else ''})"
+
+
 def commit_marks(rows: list[dict]) -> tuple[str, list[str]]:
     """For a table of ``rows`` (each with a ``commit``): one line naming the commit when they share one,
     else a mark per row; rows without a commit are marked ``?`` (measured before commits were recorded)."""

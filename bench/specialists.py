@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from statistics import geometric_mean
 
-from bench.common import RESULTS, foundation, live_model, safetensors_bytes, write_json
+from bench.common import RESULTS, foundation, live_model, run_line, safetensors_bytes, write_json
 from bench.continual import LEARNING_RATE, load_data
 
 # lineage -> (parent generation it forks from, the domains it learns and is judged on)
@@ -163,7 +163,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} ({'+'.join(r['domains'])}) | {r['forked_from']} | {r['generation']} | "
                      f"{r['n_params'] / 1e6:.1f}M | {r['n_params'] / m:.2f}x | {r['ppl']['niche']:.2f} | "
                      f"{r['main_ppl']['niche']:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", run_line(doc)])
 
 
 if __name__ == "__main__":

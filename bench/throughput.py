@@ -39,7 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import RESULTS, Daemon, foundation, free_port, write_json
+from bench.common import RESULTS, Daemon, foundation, free_port, run_line, write_json
 
 SEQ = 128
 BATCH = 8
@@ -493,7 +493,7 @@ def markdown(doc: dict) -> str:
                      f"{H['two_threads_speedup']:.2f}x one; batch assembly {100 * H['collate_share_of_step']:.1f}% of "
                      f"a step; padding {100 * H['padding_share']['arrival_order']:.1f}% of positions in arrival "
                      f"order, {100 * H['padding_share']['sorted_within_window']:.1f}% sorted by length within a window")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", run_line(doc)])
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import foundation, ppl, write_json
+from bench.common import foundation, ppl, run_line, write_json
 from bench.reduction import file_bytes, forward_speed, load_data, peak_rss, reduce_once, specialize
 
 
@@ -123,7 +123,7 @@ def markdown_table(doc: dict) -> str:
         lines.append(f"| {name} | {r['n_params']:,} | {r['bytes'] / 2**20:.0f} | {r['bits_per_byte_target']:.3f} | "
                      f"{r['bits_per_byte_other']:.3f} | {r['bytes_per_s']:,.0f} ({r['speedup']:.2f}x) | "
                      f"{r['peak_rss'] / 2**20:.0f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", run_line(doc)])
 
 
 if __name__ == "__main__":
