@@ -246,7 +246,10 @@ class LineageWorker:
             retried = self.deferred.take(self.new_per_step())
             rows = [ex for ex, _ in retried] + train
             self._configure_window(rep)
-            decision, new_tokens, kept_steps, predictions = self._learn_window(rows, rep)
+            decision, new_tokens, kept_steps, predictions, rows = self._learn_window(rows, rep, len(retried))
+            if len(rows) < len(retried) + len(train):  # the deferred rows were dropped from the window's tries
+                self._requeue(retried, outcomes, rep, decision)
+                retried = []
             if decision is None or decision.accept:
                 self.learner.accept()
                 self.replay.remember(predictions, self.generation)
@@ -316,12 +319,14 @@ class LineageWorker:
                 again.append({**x, "again": True})
         return again
 
-    def _learn_window(self, rows: list[Example], rep: LearnReport):
+    def _learn_window(self, rows: list[Example], rep: LearnReport, n_deferred: int = 0):
         """Optimizer steps over ``rows`` (each batch topped up with replayed items), judged by the gate;
         a refused window that may be learned more carefully is tried again under stronger protection
-        (up to ``gate_retries`` times). Returns the last decision (None with the gate off), the new rows'
-        tokens, the steps of the last try and its predictions on the replayed rows (for the replay store to
-        keep if the window is accepted); the adapter is left as learned (accepted) or rolled back."""
+        (up to ``gate_retries`` times), and without its first ``n_deferred`` rows (interactions an earlier
+        window deferred: the likelier cause, and new traffic must not wait behind them). Returns the last
+        decision (None with the gate off), the new rows' tokens, the steps of the last try, its predictions
+        on the replayed rows (for the replay store to keep if the window is accepted) and the rows it
+        learned; the adapter is left as learned (accepted) or rolled back."""
         before = self._measure_before() if self.s.gate else {}
         # Never more than window_steps steps: a window bigger than this phase wants (sized before the
         # phase or the tuner changed the replay ratio, or with deferred rows beside the new ones) spreads
@@ -374,8 +379,13 @@ class LineageWorker:
             if decision.verdict == "harmful" and decision.reason == "nonfinite":
                 break
             protection = stronger(protection, decision.hurt)
+            if n_deferred and len(rows) > n_deferred:
+                rows, n_deferred = rows[n_deferred:], 0
+                n_steps = min(self.s.window_steps, math.ceil(len(rows) / self.new_per_step()))
+                per_step = math.ceil(len(rows) / n_steps)
+                n_replay = min(self.learner.config.replay_count(), max(0, self.s.batch_size - per_step))
         self.learner.configure(learning_rate=base[0], distill_weight=base[1])
-        return decision, new_tokens, steps, predictions
+        return decision, new_tokens, steps, predictions, rows
 
     def _requeue(self, items: list[tuple[Example, int]], outcomes: list[tuple[str, str]], rep: LearnReport,
                  decision) -> None:

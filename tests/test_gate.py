@@ -151,6 +151,27 @@ def test_a_deferred_interaction_is_kept_and_learned_once_it_fits(tmp_path, tiny_
     assert len(w.deferred) == len(new) - later.redeemed
 
 
+def test_new_traffic_does_not_wait_behind_deferred_interactions_that_still_do_not_fit(tmp_path, tiny_model):
+    # A burst that costs the kept source too much is deferred; the next window carries it beside new rows
+    # of the kept source, is refused, and its retry learns the new rows without it: the burst waits on.
+    kw = dict(learning_rate=0.05, heldout_fraction=0.3, gate_step_budget=50, gate_min_items=4,
+              heldout_per_domain=64, gate_noise_z=0, gate_total_budget=0.05, constraints="none", curation="none")
+    w = worker(tmp_path, tiny_model, gate_retries=0, **kw)
+    first = w.learn(items(60))
+    burst = w.learn(poison())
+    assert burst.rollback == "forgetting" and burst.deferred > 0 and burst.learned == 0
+    waiting = w.deferred.ids()
+    w.close()
+    w = LineageWorker(settings(tmp_path, tiny_model, gate_retries=1, **kw), "main")
+    new = [i for i in items(8, start=300) if not w._is_heldout(i.example())]
+    rep = w.learn(new)
+    assert rep.attempts == 2 and rep.rollbacks == ["forgetting"]
+    assert rep.learned == len(new) and rep.redeemed == 0
+    assert sorted(w.deferred.ids()) == sorted(waiting)  # still waiting (those it carried one try older)
+    assert w.ledger.count("learned") == first.learned + len(new)
+    fates_add_up(w, [first, burst, rep])
+
+
 def test_a_poisoned_burst_is_refused_as_harmful_and_set_aside(tmp_path, tiny_model):
     w = worker(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01,
                constraints="none", curation="none")  # the gate alone must catch it (curation would skip it)
