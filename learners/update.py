@@ -287,7 +287,7 @@ class ContinualLearner:
             task_sum += float(chunk_task.detach())
             if teach is not None:
                 teach.observe(c, logp.detach(), picked.detach())
-                kl = teach.kl(c, logp)
+                kl = teach.kl(c, logp, target[c])
                 if kl is not None:
                     chunk_loss = chunk_loss + cfg.distill_weight * kl
                     distill_sum += float(kl.detach())
@@ -338,7 +338,9 @@ class Teachers:
     A replayed row with a stored :class:`Prediction` (made on this generation, of its length) is pulled
     toward it: KL over its ``k`` tokens and one bucket for the rest of the mass. A row without one is
     pulled toward the generation (the adapter off: what the lineage knew before it) unless its source
-    is among the step's new rows — a source that is arriving is being learned, not kept. The loss is
+    is among the step's new rows — a source that is arriving is being learned, not kept — and only at
+    the positions where the generation gives the text's next token at least the student's probability
+    (where the lineage learned beyond the generation, the pull would undo that learning). The loss is
     the mean KL over the positions that have a teacher. :meth:`observe` takes the top ``k`` of every
     replayed position's prediction as the chunks go by; :meth:`predictions` hands them out per row.
     """
@@ -388,14 +390,20 @@ class Teachers:
         self.top_logp[at, : top.values.shape[-1]] = top.values.half().cpu()
         self.picked[at] = picked[lo - c.start:].float().cpu()
 
-    def kl(self, c: slice, logp: torch.Tensor) -> torch.Tensor | None:
-        """The distillation loss of chunk ``c`` (``logp``: the student's log-probabilities there)."""
+    def kl(self, c: slice, logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+        """The distillation loss of chunk ``c`` (``logp``: the student's log-probabilities there, ``target``
+        the tokens that follow). The generation teaches only where it gives the text's own next token at
+        least the student's probability: where the lineage has learned beyond it (a source learned after
+        the generation was made), pulling toward it would undo that learning, not keep anything."""
         total = None
         lo, hi = _within(self.gen_pos, c)
         if hi > lo:
+            at = self.gen_pos[lo:hi] - c.start
             with torch.no_grad():
                 ref = chunk_logp(self.head, self.ref_h[lo:hi], self.cfg.device, self.cfg.bf16)
-            total = (ref.exp() * (ref - logp[self.gen_pos[lo:hi] - c.start])).sum()
+                t = target[at].unsqueeze(-1)
+                knows = (ref.gather(-1, t) >= logp[at].gather(-1, t)).squeeze(-1)
+            total = ((ref.exp() * (ref - logp[at])).sum(-1) * knows).sum()
         lo, hi = _within(self.stored_pos, c)
         if hi > lo:
             student = logp[self.stored_pos[lo:hi] - c.start].gather(-1, self.t_tokens[lo:hi])

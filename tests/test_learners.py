@@ -70,9 +70,11 @@ def test_anchor_penalty_pulls_toward_the_accepted_adapter(tiny_model, tok):
 
 
 def test_distillation_keeps_replayed_outputs_near_the_generation(tiny_model, tok):
+    # The replayed rows carry no task loss here: what learning the new rows does to them is drift, which the
+    # generation (knowing them better than the drifted student) pulls back.
     def kl_from_generation(constraints):
         torch.manual_seed(0)
-        L = make(tiny_model, tok, constraints=constraints, distill_weight=5.0)
+        L = make(tiny_model, tok, constraints=constraints, distill_weight=5.0, replay_weight=0.0)
         for _ in range(6):
             L.step(DATA[:2], OTHER[:2])
         b = collate(tok, OTHER[:2], 32)
@@ -83,6 +85,19 @@ def test_distillation_keeps_replayed_outputs_near_the_generation(tiny_model, tok
         return float((ref.exp() * (ref - cur)).sum(-1).mean())
 
     assert kl_from_generation(frozenset({"distill"})) < 0.8 * kl_from_generation(frozenset())
+
+
+def test_distillation_does_not_pull_a_learned_row_back_to_the_generation(tiny_model, tok):
+    """Where the student gives a replayed row's tokens more probability than the generation does (it has
+    learned the row), the generation does not teach there: distillation leaves that learning alone."""
+    torch.manual_seed(0)
+    L = make(tiny_model, tok, constraints=frozenset({"distill"}), distill_weight=5.0)
+    for _ in range(8):  # learn OTHER as new rows: beyond the generation on every position of it
+        L.step(OTHER[:2])
+    learned = L.evaluate(OTHER[:2])
+    torch.manual_seed(1)
+    rep = L.step([], OTHER[:2])  # replayed alone, with distillation toward the generation on
+    assert rep.distill == 0.0 and L.evaluate(OTHER[:2]) < learned
 
 
 def test_replay_weight_sets_a_replayed_rows_share_of_the_task_loss(tiny_model, tok):
@@ -203,7 +218,11 @@ def test_the_chunked_loss_has_the_gradient_of_the_whole_logits_loss(tiny_model, 
         ref_logp = torch.log_softmax(L.model(input_ids=b.input_ids[3:], attention_mask=b.attention_mask[3:])
                                      .logits[:, :-1].float(), -1)
     kl = (ref_logp.exp() * (ref_logp - logp[3:])).sum(-1)
-    distill = (kl * mask[3:]).sum() / mask[3:].sum()
+    # The generation teaches only where it gives the next token at least the student's probability.
+    t = target[3:].clamp(min=0).unsqueeze(-1)
+    knows = ref_logp.gather(-1, t).squeeze(-1) >= logp[3:].detach().gather(-1, t).squeeze(-1)
+    assert 0 < int((knows & mask[3:]).sum()) < int(mask[3:].sum())  # both cases occur here
+    distill = (kl * mask[3:] * knows).sum() / mask[3:].sum()
     want = reference_gradients(L, task + 0.7 * distill, ref_state)
     report = L.step(new, replay)  # no clipping: the gradients stay on the parameters as computed
     assert report.task_loss == pytest.approx(float(task), rel=1e-5)
@@ -254,7 +273,9 @@ def test_a_replayed_row_with_a_stored_prediction_is_pulled_toward_it(tiny_model,
     with torch.no_grad(), L.model.disable_adapter():
         ref = torch.log_softmax(L.model(input_ids=b.input_ids[3:], attention_mask=b.attention_mask[3:])
                                 .logits[:, :-1].float(), -1)[0][mask[3]]
-    kl_generation = (ref.exp() * (ref - student[3][mask[3]])).sum()
+    t = b.labels[3, 1:][mask[3]].unsqueeze(-1)  # the generation teaches where it knows the next token better
+    knows = ref.gather(-1, t).squeeze(-1) >= student[3][mask[3]].detach().gather(-1, t).squeeze(-1)
+    kl_generation = ((ref.exp() * (ref - student[3][mask[3]])).sum(-1) * knows).sum()
     kl_stored = top_k_kl(logp.half().float(), student[2][mask[2]].gather(-1, tokens.long()))
     distill = (kl_generation + kl_stored) / (n0 + int(mask[3].sum()))
     want = reference_gradients(L, task + 0.7 * distill, ref_state)
