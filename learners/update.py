@@ -8,7 +8,8 @@ interactions with replayed ones. The loss, read top to bottom:
                diluting what the new rows teach)
     anchor   = sum ||theta - theta_accepted||^2          ("anchor": L2 toward the last accepted adapter)
     distill  = KL(p_teacher || p_adapted) on replayed rows   ("distill": keep old behaviour; the teacher is
-               the row's best stored prediction, else the generation for a source not arriving: ``Teachers``)
+               the row's best stored prediction, else the generation for a source not arriving, where it
+               gives the next token at least the adapted model's probability: ``Teachers``)
     loss     = task + anchor_weight * anchor + distill_weight * distill
 
 then ("clip") gradients are clipped to ``max_grad_norm`` and the change the optimizer makes to the
