@@ -224,7 +224,13 @@ def main(argv=None) -> int:
     path = RESULTS / f"continual{suffix}.json"
     work = RESULTS.parent / ".work" / f"continual{suffix}"  # one per variant: two variants may run side by side
     if args.update and path.exists():
-        doc["configs"] = json.loads(path.read_text())["configs"]
+        stored = json.loads(path.read_text())
+        # Rows measured on other data (another machine's corpora) cannot stand beside these: refuse to merge.
+        if any(abs(a - b) > 1e-3 for a, b in zip(stored.get("foundation_loss", []), doc["foundation_loss"])):
+            raise SystemExit(f"{path.name} was measured on other data (foundation held-out losses "
+                             f"{[round(x, 3) for x in stored['foundation_loss']]}, here "
+                             f"{[round(x, 3) for x in doc['foundation_loss']]}): run without --update")
+        doc["configs"] = stored["configs"]
     for name in args.configs.split(","):
         print(f"running {name}", flush=True)
         if name.startswith("avalanche"):
