@@ -331,9 +331,7 @@ class LineageWorker:
         # Never more than window_steps steps: a window bigger than this phase wants (sized before the
         # phase or the tuner changed the replay ratio, or with deferred rows beside the new ones) spreads
         # its rows and replays less.
-        n_steps = min(self.s.window_steps, math.ceil(len(rows) / self.new_per_step()))
-        per_step = math.ceil(len(rows) / n_steps)
-        n_replay = min(self.learner.config.replay_count(), max(0, self.s.batch_size - per_step))
+        per_step, n_replay = self._step_sizes(len(rows))
         base = self.learner.config.learning_rate, self.learner.config.distill_weight
         protection, decision, steps = Protection(), None, 0
         for attempt in range(self.s.gate_retries + 1):
@@ -381,11 +379,15 @@ class LineageWorker:
             protection = stronger(protection, decision.hurt)
             if n_deferred and len(rows) > n_deferred:
                 rows, n_deferred = rows[n_deferred:], 0
-                n_steps = min(self.s.window_steps, math.ceil(len(rows) / self.new_per_step()))
-                per_step = math.ceil(len(rows) / n_steps)
-                n_replay = min(self.learner.config.replay_count(), max(0, self.s.batch_size - per_step))
+                per_step, n_replay = self._step_sizes(len(rows))
         self.learner.configure(learning_rate=base[0], distill_weight=base[1])
         return decision, new_tokens, steps, predictions, rows
+
+    def _step_sizes(self, n_rows: int) -> tuple[int, int]:
+        """New rows and replayed rows per step for a window of ``n_rows``: never more than window_steps steps."""
+        n_steps = min(self.s.window_steps, math.ceil(n_rows / self.new_per_step()))
+        per_step = math.ceil(n_rows / n_steps)
+        return per_step, min(self.learner.config.replay_count(), max(0, self.s.batch_size - per_step))
 
     def _requeue(self, items: list[tuple[Example, int]], outcomes: list[tuple[str, str]], rep: LearnReport,
                  decision) -> None:
