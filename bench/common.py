@@ -181,6 +181,8 @@ def write_json(name: str, doc: dict) -> Path:
 def run_line(doc: dict) -> str:
     """The line under a table whose rows all come from the one run ``doc`` records."""
     p = doc.get("provenance", {})
+    if p.get("recorded") is False:  # an old result, marked afterwards: say so rather than guess its commit
+        return f"(one run; its commit was not recorded: at or before {p['stored_in']}, which stored it)"
     return f"(one run: commit {p.get('commit', '?')}{'+dirty' if p.get('dirty') else ''})"
 
 

@@ -9,6 +9,12 @@ text (comparable across tokenizers) and per-token perplexity on Python and on ma
 speed in text bytes per second (interleaved repetitions, median) and peak RSS of a fresh process; for
 every trim, the share of held-out tokens its vocabulary still has.
 
+The trims here are unconditional: each row applies ``learners.vocab.trim_vocabulary`` (the function the
+reducer's vocabulary step calls) so that what every trim costs is measured, including the ones the
+daemon's reducer would drop; the reducer itself keeps a trim only when the reduction, trim included,
+still passes its gate per byte of text (``learners.reduce``, step 6), which ``bench.edge``'s
+"keep 0.6 + vocabulary" row runs end to end.
+
 Usage: ``python -m bench.vocab [--quick] [--threads N]``; writes bench/results/vocab[-quick].json.
 """
 from __future__ import annotations

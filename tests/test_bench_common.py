@@ -65,3 +65,37 @@ def test_the_continual_targets_compare_default_with_naive_and_joint(tmp_path):
     rows = targets(tmp_path.glob("*.json")).splitlines()[2:]
     assert rows == ["| unlike | reverse | 1 | continual-unlike-reverse-s1.json | 0.25 | 1.050 | 1.050 | 2 | 5 | 0 "
                     "| abc |"]
+
+
+def test_make_bench_runs_every_benchmark_and_its_smoke_runs_keep_the_suite():
+    """Every benchmark module with a ``main`` is a step of ``make bench``; a quick run keeps a step's suite
+    but none of its sizes, and memory's smoke run is one step."""
+    from bench.run import STEPS, arguments
+
+    modules = {p.stem for p in ROOT.glob("*.py") if "\ndef main(" in p.read_text()}
+    inner = {"run", "avalanche_baselines", "continual_sweep"}  # make bench itself; a subprocess; an in-process study
+    assert modules - inner == {m for m, _ in STEPS}
+    assert ("continual", ["--suite", "unlike", "--per-stage", "160", "--configs", "naive,default,joint"]) in STEPS
+    assert arguments("continual", ["--suite", "unlike", "--per-stage", "160"], quick=True) == ["--quick", "--suite",
+                                                                                                 "unlike"]
+    assert arguments("heal_scaling", ["--reconstruct", "--out", "x.json"], quick=True) == ["--quick"]
+    assert arguments("memory", [], quick=True) == ["--steps", "1"]
+    assert arguments("reduction", ["--a"], quick=False) == ["--a"]
+
+
+def test_a_result_stored_before_provenance_was_recorded_says_so():
+    from bench.common import RESULTS, run_line
+
+    old = {"provenance": {"commit": "?", "recorded": False, "stored_in": "4a9bb86"}}
+    assert run_line(old) == "(one run; its commit was not recorded: at or before 4a9bb86, which stored it)"
+    assert run_line({"provenance": {"commit": "abc", "dirty": True}}) == "(one run: commit abc+dirty)"
+    import json
+
+    def names_a_commit(d) -> bool:
+        if isinstance(d, dict):
+            return bool(d.get("commit") not in (None, "", "?") or d.get("stored_in")) or \
+                any(names_a_commit(v) for v in d.values())
+        return isinstance(d, list) and any(names_a_commit(v) for v in d)
+
+    for path in RESULTS.glob("*.json"):  # every stored result names its commit or says it was not recorded
+        assert names_a_commit(json.loads(path.read_text())), path.name
