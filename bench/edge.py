@@ -143,7 +143,7 @@ def plot(doc: dict, path: Path) -> None:
         series.append(("transformers bf16", lambda r: r["transformers"]["bfloat16"]["generation_tokens_per_s"]))
     for k, (label, f) in enumerate(series):
         axes[1].bar([i + (k - len(series) / 2 + 0.5) * 0.2 for i in x], [f(r) for r in rows], 0.2, label=label)
-    axes[1].set_ylabel(f"greedy generation tokens/s ({doc['run']['threads']} threads)")
+    axes[1].set_ylabel(f"greedy generation tokens/s ({doc['provenance']['threads']} threads)")
     axes[2].bar([i - w / 2 for i in x], [r["gguf"]["f16"]["ppl_ratio"] for r in rows], w, label="f16")
     axes[2].bar([i + w / 2 for i in x], [r["gguf"]["q8_0"]["ppl_ratio"] for r in rows], w, label="q8_0")
     axes[2].axhline(1.03, color="r", ls="--", lw=1, label="q8_0 target (3%)")

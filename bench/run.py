@@ -22,6 +22,7 @@ STEPS: list[tuple[str, list[str]]] = [
                       "--out", "heal-scaling-reconstruct.json"]),
     ("crash", []),
     ("throughput", []),
+    ("window_profile", []),
     ("memory", []),
     ("adaptation", []),
     ("specialists", []),

@@ -231,7 +231,8 @@ class LineageWorker:
 
         train: list[Example] = []
         outcomes: list[tuple[str, str]] = []
-        fresh = self._curate(fresh, rep, outcomes)
+        with rep.seconds("curate"):
+            fresh = self._curate(fresh, rep, outcomes)
         for it in fresh:
             ex = it.example()
             if self._is_heldout(ex):  # with the gate off too: the reduction judges itself on these
@@ -283,7 +284,8 @@ class LineageWorker:
         self.counters["refused"] += len(rep.refused)
         self.counters["skipped"] += len(self._skipped)
         self.last_entry_id = interactions[-1].entry_id
-        self.checkpoint(outcomes)
+        with rep.seconds("checkpoint"):
+            self.checkpoint(outcomes)
         return self._finish(rep, t0)
 
     def _curate(self, fresh: list[Interaction], rep: LearnReport, outcomes: list[tuple[str, str]]) -> list[Interaction]:
@@ -327,7 +329,8 @@ class LineageWorker:
         decision (None with the gate off), the new rows' tokens, the steps of the last try, its predictions
         on the replayed rows (for the replay store to keep if the window is accepted) and the rows it
         learned; the adapter is left as learned (accepted) or rolled back."""
-        before = self._measure_before() if self.s.gate else {}
+        with rep.seconds("gate_before"):
+            before = self._measure_before() if self.s.gate else {}
         # Never more than window_steps steps: a window bigger than this phase wants (sized before the
         # phase or the tuner changed the replay ratio, or with deferred rows beside the new ones) spreads
         # its rows and replays less.
@@ -340,8 +343,11 @@ class LineageWorker:
                                    distill_weight=base[1] * protection.distill_factor)
             losses, new_tokens, predictions = [], 0, {}
             for part in chunks(rows, per_step):
-                replayed = self.replay.sample(n_replay, protection.prefer)
-                r = self.learner.step(part, replayed, [self.replay.prediction(ex) for ex in replayed])
+                with rep.seconds("replay"):
+                    replayed = self.replay.sample(n_replay, protection.prefer)
+                    stored = [self.replay.prediction(ex) for ex in replayed]
+                r = self.learner.step(part, replayed, stored)
+                rep.seconds.add(r.seconds, "step.")
                 predictions.update({i: p for i, p in r.predictions.items()
                                     if i not in predictions or p.nll < predictions[i].nll})
                 losses.append(r.task_loss)
@@ -352,7 +358,8 @@ class LineageWorker:
             rep.train_loss = sum(losses) / len(losses)
             if not self.s.gate:
                 break
-            after = self._measure(self.heldout_items)
+            with rep.seconds("gate_after"):
+                after = self._measure(self.heldout_items)
             judged = {d for d in after if len(self.heldout[d]) >= self.s.gate_min_items}
             measured = {d: Measured(tuple(before[d][0]), tuple(after[d][0]), tuple(after[d][1])) for d in judged}
             decision = judge_window(measured, {ex.domain for ex in rows}, self.best,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from learners.timing import Timings
 from policies.tuning import Change
 
 
@@ -39,6 +40,10 @@ class LearnReport:
     source_forgetting: dict[str, float] = field(default_factory=dict)  # per source: held-out loss above its best
     replay_items: int = 0
     update_seconds: float = 0.0
+    # where update_seconds went: curate, gate_before, the step phases (step.batch, step.forward, step.teacher,
+    # step.head_loss, step.backward, step.optimizer: learners.update.StepReport.seconds), replay (sampling),
+    # gate_after (every try's held-out measurement), checkpoint; the rest is bookkeeping
+    seconds: Timings = field(default_factory=Timings)
     reduce_due: bool = False
     window: int = 0  # new interactions the learner's next window wants (the driver sends at most that)
     phase: str = ""  # the phase the window was learned in

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -52,6 +53,7 @@ from learners.allocator import pin_mmap_threshold
 from learners.config import ALL_CONSTRAINTS, LORA_TARGETS, UpdateConfig  # noqa: F401  (re-exported)
 from learners.data import IGNORE, Batch, Example, autocast, chunks, collate, model_device
 from learners.replay import Prediction
+from learners.timing import Timings
 
 @dataclass
 class StepReport:
@@ -64,6 +66,10 @@ class StepReport:
     tokens: int  # loss-carrying tokens of every row, replayed ones included
     new_tokens: int  # loss-carrying tokens of the new rows only
     predictions: dict[str, Prediction] = field(default_factory=dict)  # the replayed rows', before the step
+    # seconds per phase: batch (tokenize, pad, loss positions), forward (the decoder), teacher (the
+    # generation's forward on replayed rows without a stored prediction), head_loss (output projection,
+    # loss and distillation and their backward, by chunks), backward (the decoder's), optimizer (clip, step, cap)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 LOGIT_CHUNK = 1 << 24  # logits elements (positions x vocabulary) made at a time: 64 MB in fp32
@@ -257,14 +263,15 @@ class ContinualLearner:
         """One optimizer step on ``new`` plus ``replay``. ``teachers[j]`` is replayed row j's stored
         :class:`Prediction` (or None). The report's ``predictions`` are the replayed rows' predictions
         before this step, for the store to keep if the window is accepted."""
-        cfg = self.config
+        cfg, timed = self.config, Timings()
         rows = list(new) + list(replay)
-        batch = collate(self.tokenizer, rows, cfg.max_seq_len, cfg.device)
-        decoder, head = decoder_and_head(self.model)
-        mask, row_of, target = loss_positions(batch)
-        with autocast(cfg.device, cfg.bf16):
+        with timed("batch"):
+            batch = collate(self.tokenizer, rows, cfg.max_seq_len, cfg.device)
+            decoder, head = decoder_and_head(self.model)
+            mask, row_of, target = loss_positions(batch)
+        with timed("forward"), autocast(cfg.device, cfg.bf16):
             hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         use_cache=False).last_hidden_state
+                             use_cache=False).last_hidden_state
         h = hidden[:, :-1][mask]  # [N, hidden]: the loss-carrying positions, in the graph of the decoder
         # Each position's share of the task loss: its row's weight over the batch's, spread over the row's tokens.
         row_weight = torch.ones(len(rows), device=h.device)
@@ -274,25 +281,29 @@ class ContinualLearner:
         rewards = batch.rewards.to(h.device)[row_of]
 
         distilling = "distill" in cfg.constraints and cfg.distill_weight > 0 and bool(replay)
-        teach = Teachers(self.model, batch, mask, new, replay, teachers, cfg) if distilling else None
+        with timed("teacher"):
+            teach = Teachers(self.model, batch, mask, new, replay, teachers, cfg) if distilling else None
 
         # The head, the loss and their backward, a chunk of positions at a time; the decoder's backward once.
         self.optimizer.zero_grad(set_to_none=True)
         h_leaf = h.detach().requires_grad_()
         task_sum = distill_sum = 0.0
         for c in chunk_slices(len(target), head.out_features):
-            logp = chunk_logp(head, h_leaf[c], cfg.device, cfg.bf16)
-            picked = logp.gather(-1, target[c].unsqueeze(-1)).squeeze(-1)
-            chunk_task = (token_losses(picked, rewards[c]) * share[c]).sum()
-            chunk_loss = chunk_task
-            task_sum += float(chunk_task.detach())
+            with timed("head_loss"):
+                logp = chunk_logp(head, h_leaf[c], cfg.device, cfg.bf16)
+                picked = logp.gather(-1, target[c].unsqueeze(-1)).squeeze(-1)
+                chunk_task = (token_losses(picked, rewards[c]) * share[c]).sum()
+                chunk_loss = chunk_task
+                task_sum += float(chunk_task.detach())
             if teach is not None:
-                teach.observe(c, logp.detach(), picked.detach())
-                kl = teach.kl(c, logp, target[c])
+                with timed("teacher"):  # the stored predictions' top k, and the generation's head on its rows
+                    teach.observe(c, logp.detach(), picked.detach())
+                    kl = teach.kl(c, logp, target[c])
                 if kl is not None:
                     chunk_loss = chunk_loss + cfg.distill_weight * kl
                     distill_sum += float(kl.detach())
-            chunk_loss.backward()
+            with timed("head_loss"):
+                chunk_loss.backward()
         task = torch.tensor(task_sum)
         distill = torch.tensor(distill_sum)
         surrogate = (h * h_leaf.grad).sum() if h_leaf.grad is not None else h.sum() * 0.0
@@ -304,7 +315,9 @@ class ContinualLearner:
             surrogate = surrogate + cfg.anchor_weight * anchor
         loss = task + cfg.anchor_weight * anchor.detach() + cfg.distill_weight * distill
 
-        surrogate.backward()  # d(loss)/d(hidden) from the chunks, through the decoder and its LoRA layers
+        with timed("backward"):
+            surrogate.backward()  # d(loss)/d(hidden) from the chunks, through the decoder and its LoRA layers
+        t_opt = time.perf_counter()
         params = [p for p in self.params.values() if p.requires_grad]
         clip = "clip" in cfg.constraints
         # clip_grad_norm_ returns the norm before clipping; with an infinite bound it only measures.
@@ -323,10 +336,11 @@ class ContinualLearner:
                         scale = limit / update_norm
                         for p, b, d in zip(params, before, deltas):
                             p.copy_(b + d * scale)
+        timed["optimizer"] = time.perf_counter() - t_opt
         return StepReport(loss=loss.item(), task_loss=task.item(), anchor=anchor.item(), distill=distill.item(),
                           update_norm=update_norm, n_replay=len(replay),
                           tokens=batch.n_tokens, new_tokens=int((batch.labels[: len(new)] != IGNORE).sum()),
-                          predictions=teach.predictions() if teach is not None else {})
+                          predictions=teach.predictions() if teach is not None else {}, seconds=dict(timed))
 
     def evaluate(self, examples: Sequence[Example]) -> float:
         return evaluate_loss(self.model, self.tokenizer, examples, self.config.max_seq_len,

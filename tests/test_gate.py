@@ -195,3 +195,16 @@ def test_the_same_adapter_measured_twice_passes_the_gate(tmp_path, tiny_model):
     b = {d: item_losses(w.learner.model, w.tokenizer, v, 32) for d, v in sets.items()}
     m = {d: Measured(tuple(a[d][0]), tuple(b[d][0]), tuple(b[d][1])) for d in sets}
     assert judge_window(m, set(sets), w.best, total_budget=1e-6).accept
+
+
+def test_a_window_reports_where_its_time_went(tmp_path, tiny_model):
+    """Every phase of a window (curation, the gate's measurements, the step's parts, the checkpoint) is
+    timed, retries included, and the phases never add up to more than the window took."""
+    w = worker(tmp_path, tiny_model, heldout_fraction=0.3, gate_min_items=2)
+    w.learn(items(30))
+    rep = w.learn(other(16))
+    phases = {"curate", "gate_before", "replay", "gate_after", "checkpoint", "step.batch", "step.forward",
+              "step.teacher", "step.head_loss", "step.backward", "step.optimizer"}
+    assert phases <= set(rep.seconds) and all(v >= 0 for v in rep.seconds.values())
+    assert rep.seconds["step.forward"] > 0 and rep.seconds["gate_after"] > 0 and rep.seconds["checkpoint"] > 0
+    assert sum(rep.seconds.values()) <= rep.update_seconds

@@ -1,0 +1,127 @@
+"""Where an update window's time goes at the daemon's defaults.
+
+``LineageWorker`` in-process (the object each learner actor wraps: the same curation, windows, replay,
+distillation, gate and checkpoint, without Redis and Ray in between), SmolLM2-135M at every default
+setting. First a warm-up lineage (gate off, half of the traffic held out) fills every source's
+held-out set to ``CASCADE_HELDOUT_PER_DOMAIN`` items, as a lineage that has seen four sources for a
+while holds them; the lineage is then restarted at the defaults and learns ``--windows`` windows of
+the four sources' traffic mixed. Each window's :class:`daemon.reports.LearnReport` ``seconds`` (the
+worker's phases, and the step's own from :class:`learners.update.StepReport`) are summed over the
+measured windows and shown as seconds per window and shares of the window's time. What lies outside
+the worker (the stream, the ledger's Redis round trips, Ray) is what ``bench.throughput`` measures
+as the daemon with the bare loop's settings against the bare loop.
+
+Usage: ``python -m bench.window_profile [--windows 6] [--quick]``; writes
+bench/results/window-profile[-quick].json.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import foundation, run_line, write_json
+from bench.continual import load_data
+
+DOMAINS = ["man", "python", "rust", "c"]
+ORDER = ["curate", "gate_before", "replay", "step.batch", "step.forward", "step.teacher", "step.head_loss",
+         "step.backward", "step.optimizer", "gate_after", "checkpoint"]
+WHAT = {"curate": "curation (the live model's loss on each new response)",
+        "gate_before": "held-out losses before the window (cached; measured again when a held-out set changed)",
+        "replay": "sampling the replayed rows and their stored predictions",
+        "step.batch": "batch assembly: tokenize, pad, loss positions",
+        "step.forward": "decoder forward, new and replayed rows",
+        "step.teacher": "distillation targets: the generation's forward on replayed rows without a stored "
+                        "prediction, and the top-k taken for the store",
+        "step.head_loss": "output projection, loss and KL, and their backward, by chunks",
+        "step.backward": "decoder backward (the LoRA gradients)",
+        "step.optimizer": "clip, AdamW step, update cap",
+        "gate_after": "held-out losses after the window (every try)",
+        "checkpoint": "ledger, adapter, replay store, predictions, held-out sets written; live switched",
+        "other": "the rest: bookkeeping between the phases"}
+
+
+def interactions(records: list[dict], start: int):
+    from daemon.schema import Interaction
+
+    return [Interaction(entry_id=f"{start + i}-0", id=r["id"], prompt=r["prompt"], response=r["response"],
+                        meta=r["meta"]) for i, r in enumerate(records)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=6, help="measured windows at the defaults")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: small held-out sets, 2 windows")
+    args = ap.parse_args(argv)
+    import torch
+
+    from daemon.config import Settings
+    from daemon.foundation import ensure_foundation
+    from daemon.lineage import LineageWorker
+    from daemon.registry import Registry
+    from learners.timing import Timings
+
+    windows = 2 if args.quick else args.windows
+    per_domain = 8 if args.quick else Settings.model_fields["heldout_per_domain"].default
+    per_window = Settings(home=Path(tempfile.gettempdir())).window_size()
+    # warm-up: half held out, so each source's set fills with 2x its size (and some slack for the hash)
+    warm_n = 2 * per_domain + per_domain // 2
+    live_n = -(-windows * per_window // len(DOMAINS))
+    train, _ = load_data(warm_n + live_n, 0, 0, DOMAINS)
+    warm = [r for d in DOMAINS for r in train[d][:warm_n]]
+    live = [r for d in DOMAINS for r in train[d][warm_n:]]
+    random.Random(0).shuffle(warm)
+    random.Random(1).shuffle(live)
+    base = foundation()
+    with tempfile.TemporaryDirectory() as home:
+        common = {"home": Path(home), "base_model": base, "metrics_port": 0, "reduce_every": 0,
+                  "heldout_per_domain": per_domain}
+        s = Settings(**common, gate=False, heldout_fraction=0.5)
+        ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+        t0 = time.monotonic()
+        w = LineageWorker(s, "main")
+        w.learn_all(interactions(warm, 0))
+        held = {d: len(v) for d, v in w.heldout_items.items()}
+        w.close()
+        print(f"warm-up: {len(warm)} interactions, held-out items {held} ({time.monotonic() - t0:.0f} s)",
+              flush=True)
+
+        s = Settings(**common)  # every default, as the daemon restarts
+        w = LineageWorker(s, "main")
+        total, reports = Timings(), []
+        for i in range(windows):
+            rep = w.learn(interactions(live[i * per_window:(i + 1) * per_window], len(warm) + i * per_window))
+            phases = dict(rep.seconds)
+            phases["other"] = max(0.0, rep.update_seconds - sum(phases.values()))
+            reports.append({"update_seconds": rep.update_seconds, "seconds": phases, "steps": rep.steps,
+                            "attempts": rep.attempts, "learned": rep.learned, "tokens": rep.tokens})
+            total.add(phases)
+            print(f"window {i + 1}: {rep.update_seconds:.1f} s, {rep.steps} steps, learned {rep.learned}, "
+                  + " ".join(f"{k}={v:.1f}" for k, v in phases.items()), flush=True)
+        w.close()
+    window_s = sum(r["update_seconds"] for r in reports)
+    doc = {"windows": windows, "interactions_per_window": per_window, "heldout_items": held,
+           "settings": {k: str(getattr(s, k)) for k in ("batch_size", "replay_ratio", "window_steps", "max_seq_len",
+                                                         "constraints", "gate", "curation", "precision")},
+           "threads": torch.get_num_threads(), "window_seconds": window_s / windows,
+           "phases": {k: {"seconds_per_window": v / windows, "share": v / window_s}
+                      for k, v in sorted(total.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99)},
+           "reports": reports}
+    write_json(f"window-profile{'-quick' if args.quick else ''}.json", doc)
+    print(markdown_table(doc))
+    return 0
+
+
+def markdown_table(doc: dict) -> str:
+    lines = [f"{doc['windows']} windows of {doc['interactions_per_window']} interactions, held-out items per "
+             f"source {doc['heldout_items']}, {doc['threads']} threads: {doc['window_seconds']:.1f} s a window",
+             "", "| phase | what | s / window | share |", "|---|---|---|---|"]
+    for k, v in doc["phases"].items():
+        lines.append(f"| {k} | {WHAT.get(k, '')} | {v['seconds_per_window']:.2f} | {v['share']:.1%} |")
+    return "\n".join(lines + ["", run_line(doc)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(argv=None))
