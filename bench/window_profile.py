@@ -11,13 +11,20 @@ measured windows and shown as seconds per window and shares of the window's time
 the worker (the stream, the ledger's Redis round trips, Ray) is what ``bench.throughput`` measures
 as the daemon with the bare loop's settings against the bare loop.
 
-Usage: ``python -m bench.window_profile [--windows 6] [--quick]``; writes
+Each gate variant (``--gates``) starts from the same warm-up state and learns the same windows: the
+default, sequential gate (``daemon/heldout.py``: a share of each source's items after every window, the
+rest where the share leaves the verdict open) against every item after every window
+(``CASCADE_GATE_FIRST_ITEMS=0``), side by side in one run, with each window's verdict and the held-out
+losses the two end with.
+
+Usage: ``python -m bench.window_profile [--windows 6] [--gates sequential,full] [--quick]``; writes
 bench/results/window-profile[-quick].json.
 """
 from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +45,8 @@ WHAT = {"curate": "curation (the live model's loss on each new response)",
         "step.head_loss": "output projection, loss and KL, and their backward, by chunks",
         "step.backward": "decoder backward (the LoRA gradients)",
         "step.optimizer": "clip, AdamW step, update cap",
-        "gate_after": "held-out losses after the window (every try)",
+        "gate_after": "held-out losses after the window (every try; the sequential gate's share, and the rest "
+                      "where needed)",
         "checkpoint": "ledger, adapter, replay store, predictions, held-out sets written; live switched",
         "other": "the rest: bookkeeping between the phases"}
 
@@ -53,6 +61,8 @@ def interactions(records: list[dict], start: int):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=6, help="measured windows at the defaults")
+    ap.add_argument("--gates", default="sequential,full", help="gate variants, side by side: sequential "
+                    "(the default) and full (CASCADE_GATE_FIRST_ITEMS=0)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: small held-out sets, 2 windows")
     args = ap.parse_args(argv)
     import torch
@@ -61,7 +71,6 @@ def main(argv=None) -> int:
     from daemon.foundation import ensure_foundation
     from daemon.lineage import LineageWorker
     from daemon.registry import Registry
-    from learners.timing import Timings
 
     windows = 2 if args.quick else args.windows
     per_domain = 8 if args.quick else Settings.model_fields["heldout_per_domain"].default
@@ -76,7 +85,7 @@ def main(argv=None) -> int:
     random.Random(1).shuffle(live)
     base = foundation()
     with tempfile.TemporaryDirectory() as home:
-        common = {"home": Path(home), "base_model": base, "metrics_port": 0, "reduce_every": 0,
+        common = {"home": Path(home) / "warm-up", "base_model": base, "metrics_port": 0, "reduce_every": 0,
                   "heldout_per_domain": per_domain}
         s = Settings(**common, gate=False, heldout_fraction=0.5)
         ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
@@ -88,38 +97,70 @@ def main(argv=None) -> int:
         print(f"warm-up: {len(warm)} interactions, held-out items {held} ({time.monotonic() - t0:.0f} s)",
               flush=True)
 
-        s = Settings(**common)  # every default, as the daemon restarts
-        w = LineageWorker(s, "main")
-        total, reports = Timings(), []
-        for i in range(windows):
-            rep = w.learn(interactions(live[i * per_window:(i + 1) * per_window], len(warm) + i * per_window))
-            phases = dict(rep.seconds)
-            phases["other"] = max(0.0, rep.update_seconds - sum(phases.values()))
-            reports.append({"update_seconds": rep.update_seconds, "seconds": phases, "steps": rep.steps,
-                            "attempts": rep.attempts, "learned": rep.learned, "tokens": rep.tokens})
-            total.add(phases)
-            print(f"window {i + 1}: {rep.update_seconds:.1f} s, {rep.steps} steps, learned {rep.learned}, "
-                  + " ".join(f"{k}={v:.1f}" for k, v in phases.items()), flush=True)
-        w.close()
-    window_s = sum(r["update_seconds"] for r in reports)
+        variants = {}
+        for gate in args.gates.split(","):
+            home_v = Path(home) / f"run-{gate}"
+            shutil.copytree(common["home"], home_v, symlinks=True)
+            s = Settings(**{**common, "home": home_v}, **GATES[gate])  # every default else, as the daemon restarts
+            variants[gate] = measure(LineageWorker(s, "main"), live, per_window, len(warm), windows)
     doc = {"windows": windows, "interactions_per_window": per_window, "heldout_items": held,
            "settings": {k: str(getattr(s, k)) for k in ("batch_size", "replay_ratio", "window_steps", "max_seq_len",
-                                                         "constraints", "gate", "curation", "precision")},
-           "threads": torch.get_num_threads(), "window_seconds": window_s / windows,
-           "phases": {k: {"seconds_per_window": v / windows, "share": v / window_s}
-                      for k, v in sorted(total.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99)},
-           "reports": reports}
+                                                         "constraints", "gate", "curation", "precision",
+                                                         "gate_first_items", "gate_exact_every")},
+           "threads": torch.get_num_threads(), "variants": variants}
     write_json(f"window-profile{'-quick' if args.quick else ''}.json", doc)
     print(markdown_table(doc))
     return 0
 
 
+GATES = {"sequential": {}, "full": {"gate_first_items": 0}}
+
+
+def measure(w, live: list[dict], per_window: int, start: int, windows: int) -> dict:
+    """``windows`` windows of ``live`` learned by ``w``: phases summed, each window's verdict."""
+    from learners.timing import Timings
+
+    total, reports = Timings(), []
+    for i in range(windows):
+        rep = w.learn(interactions(live[i * per_window:(i + 1) * per_window], start + i * per_window))
+        phases = dict(rep.seconds)
+        phases["other"] = max(0.0, rep.update_seconds - sum(phases.values()))
+        reports.append({"update_seconds": rep.update_seconds, "seconds": phases, "steps": rep.steps,
+                        "attempts": rep.attempts, "rollbacks": rep.rollbacks, "gate_items": rep.gate_items,
+                        "learned": rep.learned, "deferred": rep.deferred, "tokens": rep.tokens})
+        total.add(phases)
+        print(f"window {i + 1}: {rep.update_seconds:.1f} s, {rep.steps} steps, learned {rep.learned}, "
+              f"rollbacks {rep.rollbacks}, gate items {rep.gate_items}, "
+              + " ".join(f"{k}={v:.1f}" for k, v in phases.items()), flush=True)
+    heldout = dict(w.last_heldout)
+    w.close()
+    window_s = sum(r["update_seconds"] for r in reports)
+    return {"window_seconds": window_s / windows, "heldout_loss": heldout,
+            "gate_items_per_window": sum(r["gate_items"] for r in reports) / windows,
+            "phases": {k: {"seconds_per_window": v / windows, "share": v / window_s}
+                       for k, v in sorted(total.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99)},
+            "reports": reports}
+
+
 def markdown_table(doc: dict) -> str:
+    names = list(doc["variants"])
+    v = doc["variants"]
     lines = [f"{doc['windows']} windows of {doc['interactions_per_window']} interactions, held-out items per "
-             f"source {doc['heldout_items']}, {doc['threads']} threads: {doc['window_seconds']:.1f} s a window",
-             "", "| phase | what | s / window | share |", "|---|---|---|---|"]
-    for k, v in doc["phases"].items():
-        lines.append(f"| {k} | {WHAT.get(k, '')} | {v['seconds_per_window']:.2f} | {v['share']:.1%} |")
+             f"source {doc['heldout_items']}, {doc['threads']} threads. Seconds per window; share of the window in "
+             "brackets.", "",
+             "| phase | what | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    phases = [k for k in ORDER + ["other"] if any(k in v[n]["phases"] for n in names)]
+    for k in phases:
+        cells = [f"{v[n]['phases'][k]['seconds_per_window']:.2f} ({v[n]['phases'][k]['share']:.0%})"
+                 if k in v[n]["phases"] else "" for n in names]
+        lines.append(f"| {k} | {WHAT.get(k, '')} | " + " | ".join(cells) + " |")
+    lines.append("| **window** | | " + " | ".join(f"**{v[n]['window_seconds']:.1f}**" for n in names) + " |")
+    lines.append("| held-out items evaluated | | " + " | ".join(f"{v[n]['gate_items_per_window']:.0f}" for n in names)
+                 + " |")
+    lines.append("| tries refused | | " + " | ".join(str(sum(len(r["rollbacks"]) for r in v[n]["reports"]))
+                                                  for n in names) + " |")
+    lines.append("| held-out loss at the end | | " + " | ".join(
+        ", ".join(f"{d} {x:.4f}" for d, x in sorted(v[n]["heldout_loss"].items())) for n in names) + " |")
     return "\n".join(lines + ["", run_line(doc)])
 
 

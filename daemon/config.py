@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     gate_min_items: int = Field(8, ge=1, description="held-out items a source needs before the gate judges it",
                                 json_schema_extra=TUNING)
 
+    gate_first_items: int = Field(8, ge=0, le=10_000, description="held-out items per source the gate measures "
+                                  "after every window; the rest only where these leave the verdict open, and every "
+                                  "gate_exact_every windows (0: every item after every window)",
+                                  json_schema_extra=TUNING)
+    gate_exact_every: int = Field(4, ge=1, le=1000, description="accepted windows after which a source is measured on "
+                                  "all its held-out items again, its loss exact (not estimated from the first items)",
+                                  json_schema_extra=TUNING)
     gate_noise_z: float = Field(2.0, ge=0, description="a held-out loss counts as moved only beyond this many "
                                 "standard errors of its paired per-item change", json_schema_extra=TUNING)
     gate_retries: int = Field(2, ge=0, le=10, description="tries of a window over the forgetting bound under stronger "

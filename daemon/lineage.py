@@ -37,6 +37,7 @@ ensure_torchvision_importable()  # before transformers imports torchvision
 from transformers import AutoTokenizer
 
 from daemon.config import Settings
+from daemon.heldout import HeldoutLosses
 from daemon.registry import LineageDir, Registry, atomic_write_json, generation_card, now_rfc3339, read_json
 from daemon.reports import LearnReport, ReductionReport
 from daemon.schema import Interaction
@@ -48,7 +49,7 @@ from learners.reduce import ReductionData, reduce
 from learners.reduction import count_parameters, merge_adapter
 from learners.replay import DeferredQueue, ReplayBuffer
 from learners.update import ContinualLearner, evaluate_loss, item_losses
-from policies.gate import Measured, Protection, forgetting, judge_window, stronger
+from policies.gate import Protection, forgetting, judge_window, stronger
 from policies.tuning import Knobs, Signal
 
 log = logging.getLogger("cascade.lineage")
@@ -113,9 +114,8 @@ class LineageWorker:
         self._reload_curation()
         self._skipped: list[dict] = []  # this window's skip records, written to the ledger with its outcomes
         self.recent: collections.deque[Example] = collections.deque(maxlen=settings.calibration_items)
-        self._item_losses: dict[str, tuple[list[float], list[int]]] = {}
-        self._heldout_dirty = True
-        self._changed_domains: set[str] = set()
+        self.losses = HeldoutLosses(settings.gate_first_items, settings.gate_exact_every)
+        self._changed_domains: set[str] = set()  # held-out sets changed since their best was reset
         self._load_learner(state, live)
 
     # -- loading ---------------------------------------------------------------------------------
@@ -176,13 +176,14 @@ class LineageWorker:
         self.counters["heldout_seen"] += 1
         if len(bucket) < self.s.heldout_per_domain:
             bucket.append(ex)
+            j = len(bucket) - 1
         else:  # reservoir over this source's held-out items
             j = ex.stable_hash() % self.counters["heldout_seen"]
             if j < len(bucket):
                 bucket[j] = ex
             else:
                 return
-        self._heldout_dirty = True
+        self.losses.changed(ex.domain, j)
         self._changed_domains.add(ex.domain)
 
     def new_per_step(self) -> int:
@@ -330,7 +331,10 @@ class LineageWorker:
         on the replayed rows (for the replay store to keep if the window is accepted) and the rows it
         learned; the adapter is left as learned (accepted) or rolled back."""
         with rep.seconds("gate_before"):
-            before = self._measure_before() if self.s.gate else {}
+            if self.s.gate:
+                n0 = self.losses.items_measured
+                self._measure_before()
+                rep.gate_items += self.losses.items_measured - n0
         # Never more than window_steps steps: a window bigger than this phase wants (sized before the
         # phase or the tuner changed the replay ratio, or with deferred rows beside the new ones) spreads
         # its rows and replays less.
@@ -358,19 +362,25 @@ class LineageWorker:
             rep.train_loss = sum(losses) / len(losses)
             if not self.s.gate:
                 break
+            sets = self.heldout_items
+            judged = {d for d in sets if len(sets[d]) >= self.s.gate_min_items}
+            budgets = dict(total_budget=self.s.gate_total_budget, harm_budget=self.s.gate_step_budget,
+                           z=self.s.gate_noise_z)
             with rep.seconds("gate_after"):
-                after = self._measure(self.heldout_items)
-            judged = {d for d in after if len(self.heldout[d]) >= self.s.gate_min_items}
-            measured = {d: Measured(tuple(before[d][0]), tuple(after[d][0]), tuple(after[d][1])) for d in judged}
-            decision = judge_window(measured, {ex.domain for ex in rows}, self.best,
-                                    total_budget=self.s.gate_total_budget, harm_budget=self.s.gate_step_budget,
-                                    z=self.s.gate_noise_z)
+                n0 = self.losses.items_measured
+                measured, pending = self.losses.measure_window(sets, self._measure_items, self._measure_accepted,
+                                                               judged, {ex.domain for ex in rows}, self.best,
+                                                               **budgets)
+                rep.gate_items += self.losses.items_measured - n0
+            decision = judge_window(measured, {ex.domain for ex in rows}, self.best, **budgets)
             rep.attempts = attempt + 1
             if decision.accept:
-                self._item_losses = after
-                self.last_heldout = {d: sum(n) / max(1, sum(t)) for d, (n, t) in after.items()}
-                for d, v in self.last_heldout.items():
-                    self.best[d] = min(v, self.best.get(d, math.inf))
+                # Estimated levels count for the best too: a best that waited for an exact level would measure
+                # the bound from a loss the source has long left; an estimate's noise lowers a minimum only a
+                # little (a share's standard error), and only ever makes the bound stricter.
+                for d, level in self.losses.accept(pending).items():
+                    self.last_heldout[d] = level
+                    self.best[d] = min(level, self.best.get(d, math.inf))
                 break
             self.learner.rollback()
             self.counters["rollbacks"] += 1
@@ -414,21 +424,21 @@ class LineageWorker:
     def heldout_items(self) -> dict[str, list[Example]]:
         return {d: v for d, v in sorted(self.heldout.items()) if v}
 
-    def _measure(self, sets: dict[str, list[Example]]) -> dict[str, tuple[list[float], list[int]]]:
-        return {d: item_losses(self.learner.model, self.tokenizer, v, self.s.max_seq_len, self.s.batch_size,
-                               self.s.precision == "bf16") for d, v in sets.items()}
+    def _measure_items(self, examples: Sequence[Example]) -> tuple[list[float], list[int]]:
+        return item_losses(self.learner.model, self.tokenizer, examples, self.s.max_seq_len, self.s.batch_size,
+                           self.s.precision == "bf16")
 
-    def _measure_before(self) -> dict[str, tuple[list[float], list[int]]]:
-        """Per-item held-out losses of the accepted adapter, measured again where a held-out set changed
-        (a source's best so far was a number about other items and is reset with it)."""
-        if self._heldout_dirty or set(self._item_losses) != set(self.heldout_items):
-            self._item_losses = self._measure(self.heldout_items)
-            self.last_heldout = {d: sum(n) / max(1, sum(t)) for d, (n, t) in self._item_losses.items()}
-            for d, v in self.last_heldout.items():
-                self.best[d] = v if d in self._changed_domains else min(v, self.best.get(d, math.inf))
-            self._heldout_dirty = False
-            self._changed_domains.clear()
-        return self._item_losses
+    def _measure_accepted(self, examples: Sequence[Example]) -> tuple[list[float], list[int]]:
+        with self.learner.accepted_weights():
+            return self._measure_items(examples)
+
+    def _measure_before(self) -> None:
+        """The accepted adapter's held-out losses, measured where a held-out set is new or changed (a
+        source's best so far was a number about other items and is reset with it)."""
+        for d in self.losses.refresh(self.heldout_items, self._measure_items):
+            v = self.last_heldout[d] = self.losses.sources[d].level
+            self.best[d] = v if d in self._changed_domains else min(v, self.best.get(d, math.inf))
+            self._changed_domains.discard(d)
 
     def learn_all(self, interactions: Sequence[Interaction]) -> list[LearnReport]:
         """``interactions`` in windows of the size this worker asks for, as the driver sends them."""
@@ -576,7 +586,7 @@ class LineageWorker:
         self.counters["adapter_steps"] = 0  # a fresh adapter: the phase schedule starts again
         self.best = {}
         self.last_heldout = {}
-        self._heldout_dirty = True
+        self.losses = HeldoutLosses(self.s.gate_first_items, self.s.gate_exact_every)
         self.checkpoint()
         log.info("lineage %s: promoted %s (%d -> %d parameters)", self.lineage, gen, n_before, n_after)
         return ReductionReport(self.lineage, "promoted", gen, parent, n_before, n_after, time.perf_counter() - t0,

@@ -28,6 +28,7 @@ class LearnReport:
     rollback: str | None = None  # the reason of the window's first refusal (None: kept at the first try)
     rollbacks: list[str] = field(default_factory=list)  # the reason of every refused try (retries included)
     attempts: int = 0  # tries the gate judged (1 + retries under stronger protection)
+    gate_items: int = 0  # held-out items the gate evaluated (before and after, every try)
     redeemed: int = 0  # of ``learned``: interactions an earlier window deferred
     deferred: int = 0  # new interactions kept to be tried again (too costly now)
     refused: list[dict] = field(default_factory=list)  # set aside: id, prompt, response, reward, domain, reason, detail

@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -217,6 +218,21 @@ class ContinualLearner:
             for n, p in self.params.items():
                 p.copy_(self._accepted["params"][n])
         self.optimizer.load_state_dict(_clone_state(self._accepted["optim"]))
+
+    @contextmanager
+    def accepted_weights(self):
+        """The accepted adapter's weights in place while the block runs (to measure it again), the current
+        ones back after it; the optimizer is not touched."""
+        current = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self._accepted["params"][n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(current[n])
 
     def configure(self, *, learning_rate: float | None = None, replay_ratio: float | None = None,
                   distill_weight: float | None = None, modules: frozenset[str] | None | object = ...) -> None:

@@ -21,6 +21,12 @@ A window's verdict (:func:`judge_window`):
   refused for moving an old one a little.
 
 A source without a reference (seen for the first time) can only be harmed, never over its bound.
+
+The gate need not measure every held-out item after every window: a source measured on a first share of its
+items is :func:`settled` when even its change's upper bound (``delta + z * noise``) could not make it harmed,
+over its bound or (an arriving source) risen; only an unsettled source is measured on the rest. Such a share
+is judged with ``before_all``, the loss of all the source's items before the window, moved by the share's
+paired change (a difference estimator), so that it compares with the source's reference.
 """
 from __future__ import annotations
 
@@ -37,24 +43,28 @@ FATES = ("learned", "heldout", "deferred", "refused", "replayed", "duplicate")
 
 @dataclass(frozen=True)
 class Measured:
-    """One source's held-out items, before and after a window: summed NLL and tokens per item."""
+    """One source's held-out items, before and after a window: summed NLL and tokens per item. Where these
+    are a share of the source's items, ``before_all`` is the loss of all of them before the window."""
 
     nll_before: tuple[float, ...]
     nll_after: tuple[float, ...]
     tokens: tuple[int, ...]
+    before_all: float | None = None
 
     @property
     def before(self) -> float:
+        if self.before_all is not None:
+            return self.before_all
         return sum(self.nll_before) / max(1, sum(self.tokens))
 
     @property
     def after(self) -> float:
-        return sum(self.nll_after) / max(1, sum(self.tokens))
+        return self.before + self.delta
 
     @property
     def delta(self) -> float:
-        """Change of the loss (nats/token): positive is worse."""
-        return self.after - self.before
+        """Change of the loss (nats/token) on these items: positive is worse."""
+        return (sum(self.nll_after) - sum(self.nll_before)) / max(1, sum(self.tokens))
 
     @property
     def noise(self) -> float:
@@ -106,6 +116,20 @@ def judge_window(measured: dict[str, Measured], arriving: set[str], reference: d
                             f"the window raised the held-out loss of its own source(s) "
                             f"{', '.join(map(repr, sorted(judged_arriving)))}", tuple(sorted(rose)), deltas)
     return GateDecision(True, "ok", "ok", deltas=deltas)
+
+
+def settled(m: Measured, reference: float | None, arriving: bool, *, total_budget: float = 0.15,
+            harm_budget: float = 0.25, z: float = 2.0, min_effect: float = 0.005) -> bool:
+    """Whether a source measured on a share of its items is decided: its change's upper bound ``delta + z *
+    noise`` keeps it under the one-window ``harm_budget``, its estimated loss's upper bound within
+    ``total_budget`` of its ``reference``, and (an arriving source, which :func:`judge_window` asks whether it
+    rose) under ``min_effect``. The same keywords as :func:`judge_window`; two items at least (noise needs them)."""
+    if len(m.tokens) < 2 or not all(math.isfinite(x) for x in (m.before, m.after, m.noise)):
+        return False
+    upper = m.delta + z * m.noise
+    if upper > harm_budget or (arriving and upper > min_effect):
+        return False
+    return reference is None or m.after + z * m.noise - reference <= total_budget
 
 
 def forgetting(current: dict[str, float], best: dict[str, float]) -> float:

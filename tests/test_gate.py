@@ -12,7 +12,9 @@ from daemon.lineage import LineageWorker
 from daemon.registry import Registry
 from daemon.schema import Interaction
 from learners.update import item_losses
-from policies.gate import Measured, Protection, judge_window, stronger
+from daemon.heldout import HeldoutLosses
+from learners.data import Example
+from policies.gate import Measured, Protection, judge_window, settled, stronger
 from tests.test_registry import items, poison, settings
 
 
@@ -77,6 +79,114 @@ def test_protection_grows_with_each_refusal():
 
 
 # -- the worker: retries, deferral, refusal, fates ----------------------------------------------------------
+def test_a_share_of_items_settles_a_quiet_source_but_not_one_that_may_be_over_a_bound():
+    kw = dict(total_budget=0.15, harm_budget=0.25, z=2.0)
+    quiet = measured(2.0, 2.01, n=8)
+    assert settled(quiet, 2.0, arriving=False, **kw)
+    assert not settled(quiet, 2.0, arriving=True, **kw)  # an arriving source must be seen not to rise
+    assert settled(measured(2.0, 1.8, n=8), 2.0, arriving=True, **kw)
+    assert not settled(measured(2.0, 2.3, n=8), 2.0, arriving=False, **kw)  # may be harmed
+    assert not settled(quiet, 1.87, arriving=False, **kw)  # may be over its bound: 2.01 + noise vs 1.87 + 0.15
+    assert not settled(measured(2.0, 2.01, n=1), None, arriving=False, **kw)  # one item has no noise
+    # A share is compared with the reference through the loss of all the source's items before the window.
+    share = Measured(quiet.nll_before, quiet.nll_after, quiet.tokens, before_all=1.5)
+    assert share.after == pytest.approx(1.5 + quiet.delta) and settled(share, 1.45, arriving=False, **kw)
+
+
+class Losses:
+    """A model whose loss on an item is its ``base`` plus ``shift`` (per source), counted per call."""
+
+    def __init__(self, sources: dict[str, int]):
+        self.items = {d: [Example(f"{d}{i}", "p", "r", domain=d) for i in range(n)] for d, n in sources.items()}
+        self.base = {ex.id: 2.0 + 0.1 * (i % 5) for v in self.items.values() for i, ex in enumerate(v)}
+        self.shift = {d: 0.0 for d in sources}
+        self.accepted = dict(self.shift)
+
+    def measure(self, v, shift=None):
+        shift = self.shift if shift is None else shift
+        return [10 * (self.base[e.id] + shift[e.domain] + 0.001 * (sum(map(ord, e.id)) % 7)) for e in v], [10] * len(v)
+
+    def measure_accepted(self, v):
+        return self.measure(v, self.accepted)
+
+
+def window(h: HeldoutLosses, m: Losses, judged=None, arriving=frozenset(), accept=True):
+    measured, pending = h.measure_window(m.items, m.measure, m.measure_accepted, set(judged or m.items),
+                                         set(arriving), {d: 2.2 for d in m.items})
+    if accept:
+        h.accept(pending)
+        m.accepted = dict(m.shift)
+    return measured
+
+
+def test_a_quiet_window_is_measured_on_a_share_and_made_exact_every_few_windows():
+    m = Losses({"a": 32, "b": 32})
+    h = HeldoutLosses(first_items=8, exact_every=3)
+    assert h.refresh(m.items, m.measure) == {"a", "b"} and h.items_measured == 64
+    levels = h.levels()
+    m.shift["a"] = 0.01  # the kept source moves a little, the same on every item
+    got = window(h, m)
+    assert h.items_measured == 64 + 16 and all(x.before_all is not None for x in got.values())
+    assert h.sources["a"].level == pytest.approx(levels["a"] + 0.01) and not h.sources["a"].exact
+    assert h.sources["a"].stale == set(range(8, 32))
+    window(h, m)
+    assert h.items_measured == 64 + 32
+    window(h, m)  # the third accepted window since the last exact level: the rest measured too
+    assert h.items_measured == 64 + 32 + 64
+    assert all(s.exact and not s.stale for s in h.sources.values())
+    assert h.levels() == pytest.approx({d: sum(m.measure(v)[0]) / (10 * len(v)) for d, v in m.items.items()})
+
+
+def test_an_unsettled_source_is_judged_on_every_item_paired_with_the_accepted_losses():
+    m = Losses({"a": 32, "b": 32})
+    h = HeldoutLosses(first_items=8, exact_every=10)
+    h.refresh(m.items, m.measure)
+    m.shift["a"] = 0.02
+    window(h, m)  # accepted, estimated: items 8.. of both sources are stale
+    m.shift["a"] = 0.5  # a harmful window on "a"
+    n0 = h.items_measured
+    got = window(h, m, accept=False)
+    # "a": its share, its 24 stale items again under the accepted weights, and its rest; "b": its share.
+    assert h.items_measured - n0 == 8 + 24 + 24 + 8
+    assert got["a"].before_all is None and len(got["a"].tokens) == 32
+    assert got["a"].delta == pytest.approx(0.48)  # paired with the accepted adapter's losses, not older ones
+    assert not judge_window(got, set(), {"a": 2.2, "b": 2.2}).accept
+    # Rolled back: the stale items measured again stay the accepted adapter's, the rest still stale.
+    assert h.sources["a"].stale == set() and h.sources["b"].stale == set(range(8, 32))
+
+
+def test_a_changed_held_out_set_measures_only_its_new_and_stale_items():
+    m = Losses({"a": 16})
+    h = HeldoutLosses(first_items=4, exact_every=10)
+    h.refresh(m.items, m.measure)
+    m.shift["a"] = 0.01
+    window(h, m)
+    m.items["a"][2] = Example("a-new", "p", "r", domain="a")
+    m.base["a-new"] = 3.0
+    h.changed("a", 2)
+    n0 = h.items_measured
+    assert h.refresh(m.items, m.measure) == {"a"}
+    assert h.items_measured - n0 == 1 + 12 and h.sources["a"].exact
+    assert h.sources["a"].level == pytest.approx(sum(m.measure(m.items["a"])[0]) / 160)
+
+
+def test_a_sequential_gate_still_refuses_a_poisoned_burst_and_costs_less_on_quiet_windows(tmp_path, tiny_model):
+    w = worker(tmp_path, tiny_model, learning_rate=0.05, heldout_fraction=0.5, gate_step_budget=0.01,
+               constraints="none", curation="none", gate_first_items=8, gate_exact_every=1000)
+    first = w.learn(items(120))
+    assert sum(len(v) for v in w.heldout.values()) > 8
+    rep = w.learn(poison())
+    assert rep.rollback == "harm" and rep.learned == 0 and {x["reason"] for x in rep.refused} == {"harmful"}
+    q = worker(tmp_path / "q", tiny_model, learning_rate=1e-5, heldout_fraction=0.5, gate_first_items=8, curation="none",
+               gate_exact_every=1000)
+    q.learn(items(120))
+    quiet = q.learn([i for i in items(40, start=400) if not q._is_heldout(i.example())])
+    held = sum(len(v) for v in q.heldout.values())
+    assert quiet.rollback is None and quiet.learned > 0
+    assert quiet.gate_items == 8 * len(q.heldout) < held  # a share of each source, nothing measured before
+    fates_add_up(w, [first, rep])
+
+
 def other(n: int, start: int = 500, domain: str = "e") -> list[Interaction]:
     return [Interaction(entry_id=f"{start + i}-0", id=f"{domain}{i}", prompt=f"Note {i}:",
                         response=f" the quick brown fox {i % 5} jumps.", meta={"domain": domain})
