@@ -209,6 +209,8 @@ def main(argv=None) -> int:
         "default": {**common, "batch_size": NEW_PER_STEP + REPLAYED_PER_STEP},
         "default+anchor": {**common, "batch_size": NEW_PER_STEP + REPLAYED_PER_STEP, "anchor_weight": 0.1,
                            "constraints": "replay,anchor,distill,clip"},
+        # the gate measuring every held-out item after every window (the sequential gate's baseline)
+        "default+full-gate": {**common, "batch_size": NEW_PER_STEP + REPLAYED_PER_STEP, "gate_first_items": 0},
         "joint": {**common, "replay_ratio": 0, "constraints": "none", "gate": "off", "batch_size": NEW_PER_STEP},
     }
     base = evaluate_foundation(base_model, held, seq)
