@@ -11,7 +11,8 @@ of them, as before.
 Invariants:
 
 * the first ``first_items`` cached losses of a source are the accepted adapter's (they are measured after
-  every window and kept when it is accepted); the others may be older (``stale``: measured under an
+  every window and kept when it is accepted, and a new item is measured before it is paired); the others
+  may be older (``stale``: measured under an
   earlier accepted adapter), and are measured again under the accepted weights (``measure_accepted``)
   before they are paired with a window's;
 * a source's ``level`` (its loss over all its items under the accepted adapter) is ``exact`` when every
@@ -80,8 +81,9 @@ class HeldoutLosses:
 
     def refresh(self, sets: dict[str, list[Example]], measure: Measure) -> set[str]:
         """Measure, under the accepted adapter now in place, what a window must be paired with: a new
-        source whole, and a changed one's new and stale items (its level exact again). Returns the
-        sources whose level was (re)computed."""
+        source whole, and a changed one's new items only. Returns the sources whose level was
+        (re)computed. A changed source's stale items stay stale: its level is estimated with them moved
+        by the per-token drift its level implies (what the difference estimator says they moved by)."""
         done = set()
         for d in [d for d in self.sources if d not in sets]:
             del self.sources[d]
@@ -90,13 +92,18 @@ class HeldoutLosses:
             if src is None or len(src.nll) > len(v):
                 self.sources[d] = SourceLosses.measured(*self._run(measure, v))
             elif new or len(src.nll) < len(v):
-                todo = sorted(new | src.stale | set(range(len(src.nll), len(v))))
+                stale_tokens = sum(src.tokens[i] for i in src.stale)
+                drift = ((src.level * sum(src.tokens) - sum(src.nll)) / stale_tokens) if stale_tokens else 0.0
+                todo = sorted(new | set(range(len(src.nll), len(v))))
                 nll, tokens = self._run(measure, [v[i] for i in todo])
                 src.nll += [0.0] * (len(v) - len(src.nll))
                 src.tokens += [0] * (len(v) - len(src.tokens))
                 for i, n, t in zip(todo, nll, tokens):
                     src.nll[i], src.tokens[i] = n, t
-                self.sources[d] = SourceLosses.measured(src.nll, src.tokens)
+                src.stale -= set(todo)
+                moved = drift * sum(src.tokens[i] for i in src.stale)
+                src.level = (sum(src.nll) + moved) / max(1, sum(src.tokens))
+                src.exact = not src.stale
             else:
                 continue
             done.add(d)

@@ -155,7 +155,7 @@ def test_an_unsettled_source_is_judged_on_every_item_paired_with_the_accepted_lo
     assert h.sources["a"].stale == set() and h.sources["b"].stale == set(range(8, 32))
 
 
-def test_a_changed_held_out_set_measures_only_its_new_and_stale_items():
+def test_a_changed_held_out_set_measures_only_its_new_items_and_estimates_the_stale_ones():
     m = Losses({"a": 16})
     h = HeldoutLosses(first_items=4, exact_every=10)
     h.refresh(m.items, m.measure)
@@ -166,7 +166,14 @@ def test_a_changed_held_out_set_measures_only_its_new_and_stale_items():
     h.changed("a", 2)
     n0 = h.items_measured
     assert h.refresh(m.items, m.measure) == {"a"}
-    assert h.items_measured - n0 == 1 + 12 and h.sources["a"].exact
+    assert h.items_measured - n0 == 1 and h.sources["a"].stale == set(range(4, 16))
+    # The stale items moved as the level says they did (here every item moved alike): the estimate is exact.
+    assert h.sources["a"].level == pytest.approx(sum(m.measure(m.items["a"])[0]) / 160)
+    m.items["a"][9] = Example("a-new2", "p", "r", domain="a")  # a stale item replaced
+    m.base["a-new2"] = 1.0
+    h.changed("a", 9)
+    h.refresh(m.items, m.measure)
+    assert h.sources["a"].stale == set(range(4, 16)) - {9}
     assert h.sources["a"].level == pytest.approx(sum(m.measure(m.items["a"])[0]) / 160)
 
 
