@@ -61,7 +61,8 @@ class Pending:
 
 
 class HeldoutLosses:
-    def __init__(self, first_items: int = 8, exact_every: int = 4) -> None:
+    def __init__(self, first_items: int, exact_every: int) -> None:
+        """``first_items``, ``exact_every``: CASCADE_GATE_FIRST_ITEMS and CASCADE_GATE_EXACT_EVERY."""
         self.first_items = first_items
         self.exact_every = exact_every
         self.sources: dict[str, SourceLosses] = {}
@@ -71,9 +72,6 @@ class HeldoutLosses:
     def changed(self, source: str, index: int) -> None:
         """Item ``index`` of ``source`` is new (appended or replaced)."""
         self._unmeasured.setdefault(source, set()).add(index)
-
-    def levels(self) -> dict[str, float]:
-        return {d: s.level for d, s in self.sources.items()}
 
     def _run(self, measure: Measure, items: Sequence[Example]) -> tuple[list[float], list[int]]:
         self.items_measured += len(items)

@@ -125,7 +125,6 @@ class Daemon:
         self.paused = False
         self.redis_ok = False
         self.last_report: dict[str, dict] = {}
-        self.generations_promoted = 0
         self.on_reduction = None  # optional callback(ReductionReport), called for every outcome
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -596,7 +595,6 @@ class Daemon:
         except redis.RedisError as e:  # the generation is promoted on disk either way
             log.error("announcing %s/%s on %s failed: %s", rep.lineage, rep.generation, self.s.generations_stream, e)
         self._refresh_lineage_gauges(rep.lineage)
-        self.generations_promoted += 1
         log.info("lineage %s: generation %s promoted (%d -> %d parameters)", rep.lineage, rep.generation,
                  rep.n_params_before, rep.n_params_after)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from bench.common import free_port  # noqa: F401  (the tests take their ports from here)
 from tests.tiny import build_tiny_llama, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,23 +85,6 @@ def redis_url() -> str:
         pytest.fail(f"no Redis on {REDIS_HOST}:{REDIS_PORT}: run the tests with `make test`, which starts one")
     r.flushdb()
     return f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
-
-
-def free_port() -> int:
-    """A free loopback port between Ray's worker ports (10002-19999) and the kernel's ephemeral range
-    (32768 up): a port from ``bind(0)`` is one Ray's own processes may take at random while the daemon
-    starts, and once one of them answered a test's health check."""
-    import random
-    import socket
-
-    for port in random.sample(range(20000, 32768), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32767")
 
 
 def settings_env(home: Path, base: Path, redis_url: str, **extra) -> dict[str, str]:

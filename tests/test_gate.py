@@ -123,7 +123,7 @@ def test_a_quiet_window_is_measured_on_a_share_and_made_exact_every_few_windows(
     m = Losses({"a": 32, "b": 32})
     h = HeldoutLosses(first_items=8, exact_every=3)
     assert h.refresh(m.items, m.measure) == {"a", "b"} and h.items_measured == 64
-    levels = h.levels()
+    levels = {d: x.level for d, x in h.sources.items()}
     m.shift["a"] = 0.01  # the kept source moves a little, the same on every item
     got = window(h, m)
     assert h.items_measured == 64 + 16 and all(x.before_all is not None for x in got.values())
@@ -134,7 +134,7 @@ def test_a_quiet_window_is_measured_on_a_share_and_made_exact_every_few_windows(
     window(h, m)  # the third accepted window since the last exact level: the rest measured too
     assert h.items_measured == 64 + 32 + 64
     assert all(s.exact and not s.stale for s in h.sources.values())
-    assert h.levels() == pytest.approx({d: sum(m.measure(v)[0]) / (10 * len(v)) for d, v in m.items.items()})
+    assert {d: x.level for d, x in h.sources.items()} == pytest.approx({d: sum(m.measure(v)[0]) / (10 * len(v)) for d, v in m.items.items()})
 
 
 def test_an_unsettled_source_is_judged_on_every_item_paired_with_the_accepted_losses():
