@@ -134,7 +134,8 @@ class HeldoutLosses:
                     again, _ = self._run(measure_accepted, [v[i] for i in todo])
                     for i, x in zip(todo, again):
                         src.nll[i] = x
-                    src.stale = set()
+                    src.stale, src.exact, src.since_exact = set(), True, 0  # the accepted adapter, measured whole
+                    src.level = sum(src.nll) / max(1, sum(src.tokens))
                 rest, _ = self._run(measure, v[k:])
                 full = Measured(tuple(src.nll), tuple(head + rest), tuple(src.tokens))
                 measured[d], pending[d] = full, Pending(head + rest, full.after, True, set())

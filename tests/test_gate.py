@@ -153,6 +153,7 @@ def test_an_unsettled_source_is_judged_on_every_item_paired_with_the_accepted_lo
     assert not judge_window(got, set(), {"a": 2.2, "b": 2.2}).accept
     # Rolled back: the stale items measured again stay the accepted adapter's, the rest still stale.
     assert h.sources["a"].stale == set() and h.sources["b"].stale == set(range(8, 32))
+    assert h.sources["a"].exact and h.sources["a"].level == pytest.approx(sum(m.measure_accepted(m.items["a"])[0]) / 320)
 
 
 def test_a_changed_held_out_set_measures_only_its_new_items_and_estimates_the_stale_ones():
