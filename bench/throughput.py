@@ -39,7 +39,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench.common import RESULTS, Daemon, foundation, free_port, run_line, write_json
+from bench.common import RESULTS, Daemon, commit, foundation, free_port, run_line, write_json
 
 SEQ = 128
 BATCH = 8
@@ -537,6 +537,7 @@ def main(argv=None) -> int:
         else:
             continue  # freshness runs inside learning, on the defaults daemon
         doc[part]["part_seconds"] = time.monotonic() - t0
+        doc[part].update(commit())  # parts of earlier runs kept beside it carry their own commit
         write_json(name, doc)
         plot(doc, RESULTS / f"throughput{suffix}.png")
     print(markdown(doc))
