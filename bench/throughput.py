@@ -107,7 +107,7 @@ def bare_loop(base_model: Path, warmup: list[dict], timed: list[dict], lr: float
     from transformers import AutoTokenizer
 
     from learners.data import Example, collate
-    from learners.update import LORA_TARGETS, example_losses, load_causal_lm
+    from learners.update import LORA_TARGETS, load_causal_lm
 
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
@@ -130,8 +130,11 @@ def bare_loop(base_model: Path, warmup: list[dict], timed: list[dict], lr: float
                 new = part[i : i + new_per_step]
                 rows = new + rng.sample(replay, min(n_replay, len(replay)))
                 batch = collate(tok, rows, SEQ)
-                loss = example_losses(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
-                                      batch).mean()
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+                labels = batch.labels[:, 1:]  # each row's mean response NLL, then the mean over rows
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                        reduction="none")
+                loss = (nll.sum(1) / (labels != -100).sum(1).clamp(min=1)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

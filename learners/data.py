@@ -2,7 +2,7 @@
 
 An :class:`Example` is one interaction as the learners see it: the model is conditioned on
 ``prompt`` and learns to produce ``response``. Only response tokens carry loss; prompt tokens are
-masked with ``-100``. ``reward`` weights the example (see :func:`learners.update.example_losses`).
+masked with ``-100``. ``reward`` weights the example (see :func:`learners.update.token_losses`).
 """
 from __future__ import annotations
 

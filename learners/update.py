@@ -3,7 +3,7 @@
 One call to :meth:`ContinualLearner.step` is one optimizer step on a batch that mixes new
 interactions with replayed ones. The loss, read top to bottom:
 
-    task     = weighted mean over rows of loss_i   (reward-weighted, see ``example_losses``; a replayed
+    task     = weighted mean over rows of loss_i   (reward-weighted, see ``token_losses``; a replayed
                row counts ``replay_weight`` of a new row, so replay can steady the update without
                diluting what the new rows teach)
     anchor   = sum ||theta - theta_accepted||^2          ("anchor": L2 toward the last accepted adapter)
