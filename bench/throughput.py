@@ -249,7 +249,10 @@ def part_learning(base_model: Path, work: Path, quick: bool, freshness_n: int) -
     print(f"  {out['bare']}", flush=True)
     print("learning: daemon, the bare loop's learning (replay only, gate off)", flush=True)
     out["daemon_same_learning"] = daemon_learning(base_model, work / "same", warmup, timed,
-                                                  {**common, "constraints": "replay", "gate": "off"})
+                                                  # nothing held out: the held-out split stays with the gate
+                                                  # off, and the bare loop learns every interaction
+                                                  {**common, "constraints": "replay", "gate": "off",
+                                                   "heldout_fraction": 0})
     print(f"  {out['daemon_same_learning']}", flush=True)
     print("learning: daemon, defaults (distill, clip, gate), then freshness", flush=True)
     shares = {0.5: fresh[:freshness_n], 0.9: fresh[freshness_n:]} if freshness_n else None
