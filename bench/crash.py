@@ -139,9 +139,9 @@ def run(base_model: Path, home: Path, redis_url: str, kills: int, seed: int = 0,
             r.xadd("cascade:control", {"command": "reduce", "lineage": "main"})
             wait_until(lambda: "reducing" in log.read_text(errors="replace"), "the reduction to start")
             time.sleep(rng.uniform(0.0, 10.0))
-        else:  # more work arrives just before the kill, so that a fast machine is not always done by then
-            publish(per_cycle // 2)
-            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # more work arrives just before the kill, so that a fast machine is not always done by then;
+            publish(per_cycle // 2)  # the first cycle's kill follows at once: at least one kill interrupts work
+            time.sleep(0.0 if k == 0 else rng.uniform(0.0, 1.0))
         phases[_phase(log)] += 1
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
