@@ -24,6 +24,37 @@ class Document:
     text: str
 
 
+# The packages `make test` installs on this machine's image (.ci/services.sh: prometheus and what it pulls in).
+# Their files are never documents, so a benchmark draws the same corpus before and after a test run (they bring
+# changelogs, man pages and JavaScript of their own, and drawing from a changed file list reshuffles every pick).
+INSTALLED_BY_TESTS = (
+    "prometheus", "prometheus-node-exporter", "prometheus-node-exporter-collectors", "freeipmi-common",
+    "libfreeipmi17", "ipmitool", "openipmi", "libopenipmi0", "libjs-jquery-hotkeys", "fonts-glyphicons-halflings",
+    "libjs-popper.js", "libjs-bootstrap4", "libjs-bootstrap", "libjs-moment", "libjs-eonasdan-bootstrap-datetimepicker",
+    "libjs-moment-timezone", "libjs-mustache", "libjs-d3", "libjs-rickshaw", "libjs-sizzle", "node-jquery",
+    "uuid-runtime", "kmod", "libio-pty-perl", "libipc-run-perl", "libnvme1", "nvme-cli", "pci.ids", "libpci3",
+    "libsnmp-base", "libsnmp40", "libtime-duration-perl", "libtimedate-perl", "moreutils", "smartmontools",
+)
+
+
+def _installed_by_tests() -> frozenset[str]:
+    """Every path dpkg lists for the packages of ``INSTALLED_BY_TESTS`` that are installed here."""
+    lists = [f for pkg in INSTALLED_BY_TESTS
+             for f in glob.glob(f"/var/lib/dpkg/info/{pkg}.list") + glob.glob(f"/var/lib/dpkg/info/{pkg}:*.list")]
+    return frozenset(line for f in lists for line in Path(f).read_text(errors="replace").splitlines())
+
+
+def _files(paths) -> list[Path]:
+    """Candidate files, sorted, without those of the packages the tests install (a file of theirs, or one
+    reached through a folder link of theirs, such as a doc folder linked to another package's)."""
+    skip = _installed_by_tests()
+
+    def theirs(p: Path) -> bool:
+        return (str(p) in skip or str(p.resolve()) in skip
+                or any(str(a) in skip and a.is_symlink() for a in p.parents))
+    return sorted(p for p in paths if not theirs(p))
+
+
 def _read(p: Path) -> str | None:
     try:
         return p.read_text(encoding="utf-8")
@@ -34,26 +65,26 @@ def _read(p: Path) -> str | None:
 def python_docs(limit: int, seed: int = 0) -> list[Document]:
     """Python standard-library sources (no tests, no site-packages, no idlelib)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
+    files = _files(p for p in root.rglob("*.py")
                    if not {"site-packages", "test", "tests", "idlelib"} & set(p.relative_to(root).parts)
                    and p.stat().st_size > 2000)
     return _take(files, limit, seed, lambda p: p.relative_to(root).as_posix())
 
 
 def perl_docs(limit: int, seed: int = 0) -> list[Document]:
-    files = sorted({Path(p).resolve() for p in glob.glob("/usr/share/perl/*/**/*.pm", recursive=True)
+    files = _files({Path(p).resolve() for p in glob.glob("/usr/share/perl/*/**/*.pm", recursive=True)
                     if Path(p).stat().st_size > 2000})
     return _take(files, limit, seed, lambda p: p.name)
 
 
 def c_header_docs(limit: int, seed: int = 0) -> list[Document]:
-    files = sorted(p for p in Path("/usr/include").rglob("*.h") if p.is_file() and p.stat().st_size > 2000)
+    files = _files(p for p in Path("/usr/include").rglob("*.h") if p.is_file() and p.stat().st_size > 2000)
     return _take(files, limit, seed, lambda p: p.relative_to("/usr/include").as_posix())
 
 
 def man_docs(limit: int, seed: int = 0) -> list[Document]:
     """Section 1-8 man pages rendered to plain text with groff (generated gcloud pages skipped)."""
-    files = sorted(p for s in range(1, 9) for p in Path(f"/usr/share/man/man{s}").glob("*.gz")
+    files = _files(p for s in range(1, 9) for p in Path(f"/usr/share/man/man{s}").glob("*.gz")
                    if not p.name.startswith("gcloud") and p.stat().st_size > 1500)
     random.Random(seed).shuffle(files)
     out = []
@@ -127,13 +158,13 @@ def _take(files: list[Path], limit: int, seed: int, name: Callable[[Path], str])
 
 def locale_docs(limit: int, seed: int = 0) -> list[Document]:
     """glibc locale definitions: structured tables of <Uxxxx> code points, names and formats."""
-    files = sorted(p for p in Path("/usr/share/i18n/locales").iterdir() if p.is_file() and p.stat().st_size > 3000)
+    files = _files(p for p in Path("/usr/share/i18n/locales").iterdir() if p.is_file() and p.stat().st_size > 3000)
     return _take(files, limit, seed, lambda p: p.name)
 
 
 def changelog_docs(limit: int, seed: int = 0) -> list[Document]:
     """Debian package changelogs: terse English between version lines, names and dates."""
-    files = sorted(p for p in Path("/usr/share/doc").glob("*/changelog.Debian.gz") if p.stat().st_size > 1500)
+    files = _files(p for p in Path("/usr/share/doc").glob("*/changelog.Debian.gz") if p.stat().st_size > 1500)
     random.Random(seed).shuffle(files)
     out = []
     for p in files:
@@ -150,10 +181,9 @@ def changelog_docs(limit: int, seed: int = 0) -> list[Document]:
 
 def javascript_docs(limit: int, seed: int = 0) -> list[Document]:
     """JavaScript modules shipped with Node.js packages (minified files skipped)."""
-    files = sorted({p.resolve() for root in ("/usr/lib/node_modules", "/usr/share/nodejs")
-                    for p in Path(root).rglob("*.js") if p.is_file() and ".min." not in p.name
-                    and p.stat().st_size > 3000} if Path("/usr/lib/node_modules").exists()
-                   or Path("/usr/share/nodejs").exists() else set())
+    found = _files(p for root in ("/usr/lib/node_modules", "/usr/share/nodejs") for p in Path(root).rglob("*.js")
+                   if p.is_file() and ".min." not in p.name and p.stat().st_size > 3000)
+    files = sorted({p.resolve() for p in found})  # a module linked from two places is one document
     docs = _take(files, limit * 3, seed, lambda p: "/".join(p.parts[-3:]))
     return [d for d in docs if max(map(len, d.text.splitlines())) < 400][:limit]  # no one-line bundles
 
