@@ -98,3 +98,18 @@ def test_a_result_stored_before_provenance_was_recorded_says_so():
             assert p.get("stored_in") and p.get("note"), path.name
         else:
             assert {"commit", "dirty", "packages", "device", "threads"} <= set(p), path.name
+
+
+def test_the_packages_the_tests_install_never_become_benchmark_documents():
+    """`make test` installs prometheus and what it pulls in (changelogs, man pages, JavaScript): drawn from,
+    they reshuffled every benchmark's corpus (65 of 66 man pages changed). Their files are left out."""
+    from pathlib import Path
+
+    from daemon.corpus import INSTALLED_BY_TESTS, _files, changelog_docs
+
+    changelogs = list(Path("/usr/share/doc").glob("*/changelog.Debian.gz"))
+    theirs = {p for p in changelogs if p.parent.name in INSTALLED_BY_TESTS}
+    assert theirs, "make test installs prometheus first (.ci/services.sh): its changelog must be here"
+    assert set(_files(changelogs)) == set(changelogs) - theirs
+    names = {d.name for d in changelog_docs(10_000)}
+    assert len(names) > 100 and not names & set(INSTALLED_BY_TESTS)
