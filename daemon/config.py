@@ -81,10 +81,13 @@ class Settings(BaseSettings):
     constraints: str = Field(",".join(sorted(_U.constraints)), description="the loss terms on: 'none' or a comma "
                              "list of " + ",".join(sorted(ALL_CONSTRAINTS)) + " ('replay' is accepted as an old "
                              "spelling and changes nothing: replay_ratio decides)", json_schema_extra=ESSENTIAL)
-    anchor_weight: float = Field(_U.anchor_weight, ge=0, description="weight of the L2 pull towards the last "
-                                 "accepted adapter ('anchor')", json_schema_extra=TUNING)
-    distill_weight: float = Field(_U.distill_weight, ge=0, description="weight of the KL to the generation on "
-                                  "replayed rows ('distill')", json_schema_extra=TUNING)
+    anchor_weight: float = Field(_U.anchor_weight, gt=0, description="weight of the L2 pull towards the last "
+                                 "accepted adapter ('anchor'; leave it out of constraints to switch it off)",
+                                 json_schema_extra=TUNING)
+    distill_weight: float = Field(_U.distill_weight, gt=0, description="weight of the KL that keeps replayed rows "
+                                  "where they were learned: toward each row's best stored prediction, else the "
+                                  "generation where it knows the next token better ('distill'; leave it out of "
+                                  "constraints to switch it off)", json_schema_extra=TUNING)
     max_grad_norm: float = Field(_U.max_grad_norm, gt=0, description="gradient clipping norm ('clip')",
                                  json_schema_extra=TUNING)
     max_update_scale: float = Field(_U.max_update_scale, gt=0, description="cap on one step's L2 change to the "
