@@ -30,11 +30,14 @@ def test_pending_entries_of_a_dead_consumer_are_reclaimed(redis_url):
     dead = StreamConsumer(r, "s", "g", "dead")
     dead.ensure_group()
     assert len(dead.read(5, 100)) == 5  # read, never acknowledged
-    alive = StreamConsumer(r, "s", "g", "alive", claim_idle_ms=200)
+    # Idle for far less than a minute, however slow this machine is: not claimed.
+    patient = StreamConsumer(r, "s", "g", "alive", claim_idle_ms=60_000)
+    patient._own_pending_done = True
+    assert patient.read(10, 50) == []
+    # Idle for at least 100 ms once the sleep returns (Redis counts from the delivery, made before it): claimed.
+    alive = StreamConsumer(r, "s", "g", "alive", claim_idle_ms=100)
     alive._own_pending_done = True
-    assert alive.read(10, 50) == []  # not idle long enough yet
-    time.sleep(0.3)
-    alive._next_claim = 0
+    time.sleep(0.15)
     got = alive.read(10, 50)
     assert len(got) == 5
     alive.ack([e for e, _ in got])
