@@ -214,7 +214,7 @@ class LineageWorker:
 
     def _learn(self, interactions: Sequence[Interaction]) -> LearnReport:
         t0 = time.perf_counter()
-        rep = LearnReport(lineage=self.lineage, ack=[i.entry_id for i in interactions], received=len(interactions))
+        rep = LearnReport(lineage=self.lineage, ack=[i.entry_id for i in interactions])
         seen = self.ledger.seen(i.id for i in interactions)
         fresh: list[Interaction] = []
         redelivered: dict[str, str] = {}

@@ -15,7 +15,6 @@ from policies.tuning import Change
 class LearnReport:
     lineage: str
     ack: list[str]  # entry ids now safe to acknowledge
-    received: int = 0
     learned: int = 0  # interactions learned into the live adapter (new ones and ``redeemed``)
     duplicates: int = 0
     heldout_added: int = 0

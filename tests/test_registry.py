@@ -163,7 +163,8 @@ def test_crash_between_generation_write_and_current_switch(tmp_path, tiny_model)
     assert d.generations() == ["gen-0000", "gen-0001"] and d.current() == "gen-0000"
     AutoModelForCausalLM.from_pretrained(d.path / "gen-0001")
     w2 = LineageWorker(s, "main")
-    assert w2.generation == "gen-0000" and w2.learn(items(8, start=24)).received == 8
+    resumed = w2.learn(items(8, start=24))
+    assert w2.generation == "gen-0000" and len(resumed.ack) == 8 and resumed.steps > 0
     # The next reduction takes the next free name and becomes current.
     rep = w2.reduce()
     assert rep.outcome == "promoted" and rep.generation == "gen-0002" and d.current() == "gen-0002"
