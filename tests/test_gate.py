@@ -208,7 +208,7 @@ def worker(tmp_path, tiny_model, **kw) -> LineageWorker:
 
 
 def fates_add_up(w: LineageWorker, reps) -> None:
-    received = sum(r.received for r in reps)
+    received = sum(len(r.ack) for r in reps)  # a window acknowledges every interaction it received
     settled = sum(r.duplicates + r.heldout_added + r.learned - r.redeemed + r.deferred for r in reps)
     refused_new = sum(sum(1 for x in r.refused if x["reason"] == "harmful") for r in reps)
     assert received == settled + refused_new
@@ -298,7 +298,7 @@ def test_a_poisoned_burst_is_refused_as_harmful_and_set_aside(tmp_path, tiny_mod
     rep = w.learn(poison())
     assert rep.rollback == "harm" and rep.learned == 0 and rep.deferred == 0
     assert all(torch.equal(ref[n], p) for n, p in w.learner.params.items())
-    n_train = rep.received - rep.heldout_added
+    n_train = len(rep.ack) - rep.heldout_added
     assert len(rep.refused) == n_train and {x["reason"] for x in rep.refused} == {"harmful"}
     assert w.ledger.count("refused") == n_train and w.counters["refused"] == n_train
     assert all(x["response"].startswith("@@@@") for x in rep.refused)
