@@ -74,10 +74,12 @@ def main(argv=None) -> int:
 
     windows = 2 if args.quick else args.windows
     per_domain = 8 if args.quick else Settings.model_fields["heldout_per_domain"].default
-    per_window = Settings(home=Path(tempfile.gettempdir())).window_size()
+    # Each window is as many interactions as the learner asks for (as the driver sends them); at most a batch
+    # of new rows a step, so this much traffic always suffices.
+    most = windows * Settings.model_fields["batch_size"].default * Settings.model_fields["window_steps"].default
     # warm-up: half held out, so each source's set fills with 2x its size (and some slack for the hash)
     warm_n = 2 * per_domain + per_domain // 2
-    live_n = -(-windows * per_window // len(DOMAINS))
+    live_n = -(-most // len(DOMAINS))
     train, _ = load_data(warm_n + live_n, 0, 0, DOMAINS)
     warm = [r for d in DOMAINS for r in train[d][:warm_n]]
     live = [r for d in DOMAINS for r in train[d][warm_n:]]
@@ -102,8 +104,10 @@ def main(argv=None) -> int:
             home_v = Path(home) / f"run-{gate}"
             shutil.copytree(common["home"], home_v, symlinks=True)
             s = Settings(**{**common, "home": home_v}, **GATES[gate])  # every default else, as the daemon restarts
-            variants[gate] = measure(LineageWorker(s, "main"), live, per_window, len(warm), windows)
-    doc = {"windows": windows, "interactions_per_window": per_window, "heldout_items": held,
+            variants[gate] = measure(LineageWorker(s, "main"), live, len(warm), windows)
+    sizes = {n for v in variants.values() for n in v["window_sizes"]}
+    doc = {"windows": windows, "interactions_per_window": sizes.pop() if len(sizes) == 1 else sorted(sizes),
+           "heldout_items": held,
            "settings": {k: str(getattr(s, k)) for k in ("batch_size", "replay_ratio", "window_steps", "max_seq_len",
                                                          "constraints", "gate", "curation", "precision",
                                                          "gate_first_items", "gate_exact_every")},
@@ -116,13 +120,17 @@ def main(argv=None) -> int:
 GATES = {"sequential": {}, "full": {"gate_first_items": 0}}
 
 
-def measure(w, live: list[dict], per_window: int, start: int, windows: int) -> dict:
-    """``windows`` windows of ``live`` learned by ``w``: phases summed, each window's verdict."""
+def measure(w, live: list[dict], start: int, windows: int) -> dict:
+    """``windows`` windows of ``live`` learned by ``w``, each as many interactions as ``w`` asks for (its
+    ``window_items()``, then each report's ``window``, as the driver sends them): phases summed, each
+    window's verdict."""
     from learners.timing import Timings
 
-    total, reports = Timings(), []
+    total, reports, sizes, offset, n = Timings(), [], [], 0, w.window_items()
     for i in range(windows):
-        rep = w.learn(interactions(live[i * per_window:(i + 1) * per_window], start + i * per_window))
+        rep = w.learn(interactions(live[offset:offset + n], start + offset))
+        sizes.append(n)
+        offset, n = offset + n, rep.window
         phases = dict(rep.seconds)
         phases["other"] = max(0.0, rep.update_seconds - sum(phases.values()))
         reports.append({"update_seconds": rep.update_seconds, "seconds": phases, "steps": rep.steps,
@@ -139,7 +147,7 @@ def measure(w, live: list[dict], per_window: int, start: int, windows: int) -> d
             "gate_items_per_window": sum(r["gate_items"] for r in reports) / windows,
             "phases": {k: {"seconds_per_window": v / windows, "share": v / window_s}
                        for k, v in sorted(total.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else 99)},
-            "reports": reports}
+            "window_sizes": sizes, "reports": reports}
 
 
 def markdown_table(doc: dict) -> str:

@@ -156,6 +156,10 @@ class LearnerActor:
     def ready(self) -> ActorInfo:
         return self.info_
 
+    def window_items(self) -> int:
+        """New interactions the next window wants (asked once, before the first window's report says it)."""
+        return self.worker.window_items()
+
     def learn(self, interactions: list[Interaction]):
         return self.worker.learn(interactions)
 

@@ -417,13 +417,6 @@ class Settings(BaseSettings):
                             activation_checkpointing=self.activation_checkpointing, device=self.resolved_device(),
                             seed=self.seed)
 
-    def window_size(self) -> int:
-        """New interactions per update window at the configured replay ratio: what the driver sends a
-        learner before its first report; from then on the learner says (``LearnReport.window``), since
-        phases and self-tuning change the ratio in force."""
-        # Not update_config(): resolving CASCADE_DEVICE=auto loads torch, which the driver never needs.
-        return UpdateConfig(batch_size=self.batch_size, replay_ratio=self.replay_ratio).new_per_step() * self.window_steps
-
     @property
     def curation_decisions(self) -> tuple[str, ...]:
         return parse_decisions(self.curation)

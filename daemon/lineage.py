@@ -192,7 +192,8 @@ class LineageWorker:
 
     def window_items(self) -> int:
         """New interactions the next window wants: ``window_steps`` full batches at the replay ratio in force.
-        The worker owns this number; the driver reads it from every :class:`LearnReport` (``window``)."""
+        The worker owns this number: the driver asks it before the first window (the actor's
+        ``window_items``) and reads it from every :class:`LearnReport` (``window``) after."""
         self._configure_window()
         return self.new_per_step() * self.s.window_steps
 

@@ -94,7 +94,7 @@ def start_ray(settings: Settings, deadline: float) -> bool:
 @dataclass
 class Job:
     lineage: str
-    kind: str  # "learn" or "reduce"
+    kind: str  # "learn", "reduce" or "window" (asking a learner how many interactions its next window wants)
     started: float
     payload: object = None  # learn: the window's interactions; reduce: its trigger
 
@@ -417,7 +417,11 @@ class Daemon:
             buf = self.buffers[lineage]
             if self.paused or not buf:
                 continue
-            n = self.windows.get(lineage) or self.s.window_size()  # the learner owns its window's size
+            n = self.windows.get(lineage)  # the learner owns its window's size: every report says it
+            if n is None:  # no report yet: ask it
+                self.jobs[actor.window_items.remote()] = Job(lineage, "window", time.monotonic())
+                busy.add(lineage)
+                continue
             if len(buf) >= n or drained:
                 batch = [buf.popleft() for _ in range(min(n, len(buf)))]
                 self.jobs[actor.learn.remote(batch)] = Job(lineage, "learn", time.monotonic(), batch)
@@ -428,6 +432,9 @@ class Daemon:
         import ray
 
         job = self.jobs.pop(ref)
+        if job.kind == "window":
+            self._on_window(job.lineage, ref)
+            return
         try:
             rep = ray.get(ref)
         except ray.exceptions.RayActorError as e:
@@ -472,6 +479,18 @@ class Daemon:
         else:
             self.failures.pop(f"reduce:{job.lineage}", None)
             self._on_reduced(rep)
+
+    def _on_window(self, lineage: str, ref) -> None:
+        """A learner's answer to how many interactions its first window wants (its reports say it from then
+        on); a learner that could not answer is asked again at the next dispatch."""
+        import ray
+
+        try:
+            self.windows[lineage] = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self.sup.suspect(f"learner:{lineage}", e)
+        except Exception as e:  # noqa: BLE001
+            log.error("lineage %s: asking its window's size failed: %s", lineage, e)
 
     def _on_learned(self, rep) -> None:
         m, lin = self.metrics, rep.lineage

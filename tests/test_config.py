@@ -97,7 +97,7 @@ def test_processes_that_never_load_a_model_never_import_torch(tiny_model, tmp_pa
             "daemon.reports, policies.schedule, policies.tuning; from daemon.foundation import ensure_foundation; "
             "from daemon.registry import Registry; "
             f"ensure_foundation(Registry(Path({str(tmp_path)!r})).lineage('main'), Path({str(tiny_model)!r})); "
-            f"from daemon.config import Settings; Settings(home=Path({str(tmp_path)!r})).window_size(); "
+            f"from daemon.config import Settings; Settings(home=Path({str(tmp_path)!r})).curation_config(); "
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

@@ -124,7 +124,8 @@ def test_the_learner_follows_its_phases_and_starts_them_again_after_a_restart(tm
                       constraints="replay", phases=WARMUP)
     ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
     w = LineageWorker(s, "main")
-    reports, n, start = [], s.window_size(), 0  # the driver's first window: sized at the configured 0.25 replay
+    first = w.window_items()  # the driver asks the learner its first window's size
+    reports, n, start = [], first, 0
     for k in range(3):
         before = lora_by_module(w)
         rep = w.learn(items(n, start))
@@ -132,9 +133,9 @@ def test_the_learner_follows_its_phases_and_starts_them_again_after_a_restart(tm
         start, n = start + n, rep.window  # then what the learner asks for, as the driver does
     (r1, m1), (r2, m2), (r3, m3) = reports
     # Warm-up: 0.6 replay (batch 4 -> 2 new rows a step), half the rate, only q and v trained; it ends at
-    # the first window starting at or after 4 steps. Every window is window_steps steps, the first one
-    # too (6 items sized for 3 new rows a step: they are spread over 2 steps that replay less).
-    assert s.window_size() == 6 and r1.window == 4 and r3.window == 6
+    # the first window starting at or after 4 steps. Every window is window_steps steps, sized by the learner
+    # for the phase it is in (the configured 0.25 replay would be 3 new rows a step: 6 a window).
+    assert first == 4 and r1.window == 4 and r3.window == 6
     assert r1.steps == r2.steps == r3.steps == s.window_steps == 2
     assert r1.phase == r2.phase == "warmup" and r3.phase == "full"
     assert r1.knobs == {"learning_rate": pytest.approx(1e-3), "replay_ratio": 0.6, "distill_weight": 0.5}
