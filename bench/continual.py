@@ -235,12 +235,13 @@ def main(argv=None) -> int:
         doc["configs"] = stored["configs"]
     for name in args.configs.split(","):
         print(f"running {name}", flush=True)
+        started = commit()  # the code this configuration runs (the tree may change while it runs)
         if name.startswith("avalanche"):
             res = run_avalanche(name, base_model, train, held, seq)
         else:
             res = run_config(name, configs[name], train, held, work, seq)
         res["summary"] = summarize(res, doc["foundation_loss"])
-        res.update(commit(), finished=time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
+        res.update(started, finished=time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
         doc["configs"][name] = res
         res["settings"] = {k: str(v) for k, v in res["settings"].items()}
         print(f"  {name}: {json.dumps(res['summary'])}", flush=True)
