@@ -5,6 +5,8 @@
 * ``LearnerActor`` wraps one :class:`daemon.lineage.LineageWorker`. With ``CASCADE_LEARNER_CPUS=N`` it
   declares N CPUs to Ray (which places it where they are free) and runs N torch threads; with the
   default 0 the learners of a node share all its cores and the driver lets one learn at a time.
+* ``ReducerActor`` reduces a learner's snapshot (``daemon/snapshots.py``) while that learner goes on
+  learning; one for the daemon, made at the first reduction, on the CPU with half the node's cores.
 """
 from __future__ import annotations
 
@@ -163,8 +165,33 @@ class LearnerActor:
     def learn(self, interactions: list[Interaction]):
         return self.worker.learn(interactions)
 
-    def reduce(self, trigger: str):
-        return self.worker.reduce(trigger)
+    def snapshot(self, trigger: str):
+        return self.worker.snapshot(trigger)
+
+    def finish_reduction(self, snap, result):
+        return self.worker.finish_reduction(snap, result)
 
     def status(self) -> dict:
         return {**self.worker.status(), "node": self.node, "pid": self.pid, "time": time.time()}
+
+
+# Restarted by Ray when its process dies; a reduction it was running is lost (the driver asks the learner
+# for a new snapshot). It holds nothing but its thread count: everything it reads and writes is in the
+# snapshot's folder.
+@ray.remote(concurrency_groups={"health": 1})
+class ReducerActor:
+    def __init__(self, settings: Settings, threads: int) -> None:
+        import torch
+
+        self.info_ = actor_info()
+        self.s = settings
+        torch.set_num_threads(max(1, threads))
+
+    @ray.method(concurrency_group="health")
+    def ready(self) -> ActorInfo:
+        return self.info_
+
+    def reduce(self, snap):
+        from daemon.snapshots import run_reduction
+
+        return run_reduction(snap, self.s)

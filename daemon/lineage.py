@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,16 +40,18 @@ from transformers import AutoTokenizer
 from daemon.config import Settings
 from daemon.heldout import HeldoutLosses
 from daemon.registry import LineageDir, Registry, atomic_write_json, generation_card, now_rfc3339, read_json
-from daemon.reports import LearnReport, ReductionReport
+from daemon.reports import LearnReport, ReductionReport, Snapshot
 from daemon.schema import Interaction
 from learners.curation import Candidate, ContentIndex, Curator
 from learners.data import Example, chunks
 from learners.export import export_generation
 from learners.meta import ReptileConfig, reptile
-from learners.reduce import ReductionData, reduce
-from learners.reduction import count_parameters, merge_adapter
+from daemon.snapshots import read_candidate, run_reduction, write_snapshot
+from learners.merge import merged_copy
+from learners.reduce import ReductionData
+from learners.reduction import count_parameters
 from learners.replay import DeferredQueue, ReplayBuffer
-from learners.update import ContinualLearner, evaluate_loss, item_losses
+from learners.update import ContinualLearner, evaluate_loss, item_losses, load_causal_lm
 from policies.gate import Protection, forgetting, judge_window, stronger
 from policies.tuning import Knobs, Signal
 
@@ -116,7 +119,16 @@ class LineageWorker:
         self.recent: collections.deque[Example] = collections.deque(maxlen=settings.calibration_items)
         self.losses = HeldoutLosses(settings.gate_first_items, settings.gate_exact_every)
         self._changed_domains: set[str] = set()  # held-out sets changed since their best was reset
+        # A reduction in the background: its snapshot, and the rows learned since (to relearn on its result).
+        self.pending: Snapshot | None = Snapshot(**state["reduction_pending"]) if state.get("reduction_pending") else None
+        self.since_snapshot: list[Example] = []
+        if self.pending is not None and live is not None and (live / "since-snapshot.json").is_file():
+            self.since_snapshot = [Example.from_json(x) for x in read_json(live / "since-snapshot.json")]
         self._load_learner(state, live)
+        if self.pending is not None and self._adopted(self.pending) is not None:
+            # Killed during an adoption, after CURRENT named the new generation: finish it.
+            log.info("lineage %s: finishing the adoption of %s after a restart", lineage, self.generation)
+            self._start_generation()
 
     # -- loading ---------------------------------------------------------------------------------
     def _load_learner(self, state: dict, live: Path | None) -> None:
@@ -259,6 +271,8 @@ class LineageWorker:
                 if self.learner.config.replay_count():
                     self.replay.extend([ex for ex in rows if ex.reward > 0])
                 self.recent.extend(rows)
+                if self.pending is not None:  # relearned on the reduction's result, the newest first kept
+                    self.since_snapshot = (self.since_snapshot + rows)[-self.s.replay_capacity:]
                 outcomes += [(ex.id, "learned") for ex in rows]
                 rep.learned, rep.redeemed = len(rows), len(retried)
                 rep.learned_tokens = new_tokens
@@ -499,6 +513,8 @@ class LineageWorker:
             self.replay.save_predictions(ckpt / "replay-predictions.safetensors")
             atomic_write_json(ckpt / "heldout.json", {d: [e.to_json() for e in v] for d, v in self.heldout.items()})
             atomic_write_json(ckpt / "deferred.json", self.deferred.to_json())
+            if self.pending is not None:
+                atomic_write_json(ckpt / "since-snapshot.json", [e.to_json() for e in self.since_snapshot])
             atomic_write_json(ckpt / "state.json", self.state())
             self.dir.publish_live(ckpt)
         except BaseException:
@@ -521,6 +537,7 @@ class LineageWorker:
             "deferred_waiting": len(self.deferred),
             "phase": self.phase,
             "knobs": vars(self.knobs()),
+            "reduction_pending": None if self.pending is None else vars(self.pending),
             "updated_at": now_rfc3339(),
         }
 
@@ -545,53 +562,110 @@ class LineageWorker:
         return ReductionData(calib, heal_items, gate, vocabulary=both if self.s.reduce_vocab else None)
 
     def reduce(self, trigger: str = "command") -> ReductionReport:
-        """Reduce the live model (:func:`learners.reduce.reduce`); promote the result or keep the current one."""
-        t0 = time.perf_counter()
-        s, parent = self.s, self.generation
+        """A whole reduction in this process: :meth:`snapshot`, the reducer's :func:`run_reduction`, then
+        :meth:`finish_reduction`. The daemon runs the middle part in its reducer actor while this worker
+        goes on learning; tests and benchmarks call this."""
+        snap = self.snapshot(trigger)
+        if isinstance(snap, ReductionReport):
+            return snap
+        return self.finish_reduction(snap, run_reduction(snap, self.s))
+
+    def snapshot(self, trigger: str) -> Snapshot | ReductionReport:
+        """Write what a reduction works on (the generation with the accepted adapter merged in, and
+        :meth:`reduction_data`) for the reducer, and from now on keep the rows this worker learns, to relearn
+        them on the new generation. A rejected report when there is nothing to calibrate on yet."""
         data = self.reduction_data()
         if not data.calibration:
-            return ReductionReport(self.lineage, "rejected", parent, parent, self.n_params, self.n_params,
-                                   time.perf_counter() - t0, detail="no interactions to calibrate on yet")
-        log.info("lineage %s: reducing %s (trigger %s)", self.lineage, parent, trigger)
-        teacher = merge_adapter(self.learner.model, data.calibration[:4], self.tokenizer, s.max_seq_len)
-        out = reduce(teacher, self.tokenizer, data, s.reduction_policy(), s.reduction_switches(),
-                     name=f"lineage {self.lineage}: ")
+            return ReductionReport(self.lineage, "rejected", self.generation, self.generation, self.n_params,
+                                   self.n_params, 0.0, detail="no interactions to calibrate on yet")
+        log.info("lineage %s: reducing %s (trigger %s) in the background from step %d", self.lineage,
+                 self.generation, trigger, self.step)
+        gen_dir, live = self.dir.path / self.generation, self.dir.live_target()
+        teacher = load_causal_lm(gen_dir)
+        if live is not None and (live / "adapter_config.json").is_file() and self.dir.live_state()["base"] == self.generation:
+            teacher = merged_copy(teacher, live)  # the accepted adapter: what the last checkpoint holds
+        snap = write_snapshot(self.s, self.lineage, teacher, self.tokenizer, data, parent=self.generation,
+                              trigger=trigger, step=self.step, n_params=self.n_params)
         del teacher
+        self.pending, self.since_snapshot = snap, []
         self.counters["since_reduction"] = 0
-        if out.model is None:
-            self._reload_after_reduction()
-            self.checkpoint()
-            tries = [t.card() for t in out.record.tries]
-            return ReductionReport(self.lineage, "rejected", parent, parent, self.n_params, self.n_params,
-                                   time.perf_counter() - t0, detail=f"gate failed at every keep: {tries}")
+        self.checkpoint()  # the pending snapshot is durable: a restart still relearns what follows it
+        return snap
 
-        gen = self.dir.next_gen()
-        reduction = out.record.card(trigger, {"rank": s.lora_rank, "update_steps": self.counters["update_steps"]},
-                                    s.reduce_keep)
+    def finish_reduction(self, snap: Snapshot, result: ReductionReport) -> ReductionReport:
+        """The reducer's answer for ``snap``: adopt its candidate as the next generation (and relearn on it
+        what was learned since the snapshot), or go on with the current one. The outcome for the driver."""
+        t0 = time.perf_counter()
+        if self.pending is None or self.pending.id != snap.id:
+            done = self._adopted(snap)
+            if done is not None:  # adopted by the restart that followed a crash during the adoption
+                return done
+            return ReductionReport(self.lineage, "rejected", self.generation, self.generation, self.n_params,
+                                   self.n_params, result.seconds, detail=f"snapshot {snap.id} is no longer awaited")
+        candidate = read_candidate(snap) if result.outcome == "candidate" else None
+        if candidate is None:
+            self.pending, self.since_snapshot = None, []
+            self.checkpoint()
+            shutil.rmtree(snap.path, ignore_errors=True)
+            return replace(result, outcome="failed" if result.outcome == "failed" else "rejected",
+                           detail=result.detail or "the reducer wrote no candidate")
+        folder, record = candidate
+        gen, parent = self.dir.next_gen(), self.generation
         card = generation_card(self.lineage, int(gen.split("-")[1]), f"{self.lineage}/{parent}",
-                               out.record.n_params_after, self.counters["interactions_learned"], reduction,
-                               {d: {"loss": math.log(p), "perplexity": p} for d, p in out.record.ppl_after.items()})
+                               record["n_params"], self.counters["interactions_learned"], record["reduction"],
+                               record["evals"])
         staging = self.dir.staging_dir()
         try:
-            out.model.save_pretrained(str(staging), safe_serialization=True)
-            out.tokenizer.save_pretrained(str(staging))
+            for f in folder.iterdir():
+                if f.name != "reduction.json":
+                    shutil.copy2(f, staging / f.name)
             card["exports"], export_failures = self._export(staging, gen)
             self.dir.publish_generation(staging, gen, card)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self.dir.set_current(gen)
-        n_before, n_after = self.n_params, out.record.n_params_after
-        del out
-        self._reload_after_reduction()
+        self.dir.set_current(gen)  # from here a restart finishes the adoption (see __init__)
+        n_before = self.n_params
+        self._start_generation()
+        shutil.rmtree(snap.path, ignore_errors=True)
+        log.info("lineage %s: promoted %s (%d -> %d parameters)", self.lineage, gen, n_before, self.n_params)
+        return ReductionReport(self.lineage, "promoted", gen, parent, n_before, self.n_params,
+                               result.seconds + time.perf_counter() - t0, card=card, export_failures=export_failures)
+
+    def _adopted(self, snap: Snapshot) -> ReductionReport | None:
+        """The promoted report of ``snap`` when the current generation came from it, else None."""
+        card = self.dir.card(self.generation)
+        if (card.get("reduction") or {}).get("snapshot", {}).get("id") != snap.id:
+            return None
+        return ReductionReport(self.lineage, "promoted", self.generation, snap.parent, snap.n_params,
+                               card["n_params"], 0.0, card=card)
+
+    def _start_generation(self) -> None:
+        """Go on from the current generation (just adopted): a fresh adapter, the gate's references reset,
+        and the rows learned since the snapshot learned again on it; then checkpoint."""
+        rows, self.pending, self.since_snapshot = self.since_snapshot, None, []
+        self._load_learner({}, None)
         self.counters["adapter_steps"] = 0  # a fresh adapter: the phase schedule starts again
-        self.best = {}
-        self.last_heldout = {}
+        self.best, self.last_heldout = {}, {}
         self.losses = HeldoutLosses(self.s.gate_first_items, self.s.gate_exact_every)
+        self._relearn(rows)
         self.checkpoint()
-        log.info("lineage %s: promoted %s (%d -> %d parameters)", self.lineage, gen, n_before, n_after)
-        return ReductionReport(self.lineage, "promoted", gen, parent, n_before, n_after, time.perf_counter() - t0,
-                               card=card, export_failures=export_failures)
+
+    def _relearn(self, rows: list[Example]) -> None:
+        """Learn ``rows`` again on the fresh adapter, batches topped up with replay as usual. Their ids are in
+        the ledger already: nothing is recorded or counted as learned twice, only the steps are counted."""
+        if not rows:
+            return
+        self._configure_window()
+        log.info("lineage %s: relearning on %s the %d interactions learned during the reduction", self.lineage,
+                 self.generation, len(rows))
+        per_step = self.new_per_step()
+        for part in chunks(rows, per_step):
+            replayed = self.replay.sample(self.learner.config.replay_count())
+            self.learner.step(part, replayed, [self.replay.prediction(ex) for ex in replayed])
+            self.counters["update_steps"] += 1
+            self.counters["adapter_steps"] += 1
+        self.learner.accept()
 
     def _export(self, staging: Path, gen: str) -> tuple[list[dict], list[str]]:
         """CASCADE_EXPORT's files of the generation being built, inside it (so they are published with it):
@@ -604,11 +678,6 @@ class LineageWorker:
             log.error("lineage %s: exporting %s failed (the generation is promoted without it): %s",
                       self.lineage, gen, f)
         return [r.to_json() for r in records], failures
-
-    def _reload_after_reduction(self) -> None:
-        """The merge consumed the in-memory model: load the current generation and live adapter."""
-        state = self.dir.live_state() or {}
-        self._load_learner(state, self.dir.live_target())
 
     def close(self) -> None:
         self.ledger.close()

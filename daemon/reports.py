@@ -52,9 +52,21 @@ class LearnReport:
 
 
 @dataclass
+class Snapshot:
+    """A learner's model and data at one moment, on disk for the reducer (``daemon/snapshots.py``)."""
+    lineage: str
+    id: str
+    path: str  # CASCADE_HOME/reductions/<lineage>/<id>
+    parent: str  # the generation it was taken on
+    trigger: str
+    step: int  # the learner's checkpoint step at the snapshot
+    n_params: int
+
+
+@dataclass
 class ReductionReport:
     lineage: str
-    outcome: str  # "promoted", "rejected" or "failed"
+    outcome: str  # "promoted", "rejected" or "failed"; from the reducer: "candidate" or "rejected"
     generation: str
     parent: str
     n_params_before: int

@@ -31,6 +31,7 @@ from daemon.embedded_redis import EmbeddedRedis
 from daemon.foundation import ensure_foundation
 from daemon.metrics import Metrics, MetricsServer
 from daemon.registry import GEN_RE, LINEAGE_RE, Registry, check_lineage
+from daemon.reports import ReductionReport
 from daemon.schema import Interaction
 from daemon.stream import connect, redact_url
 from daemon.supervisor import StartupError, Supervisor, one_line, wait_for
@@ -94,9 +95,12 @@ def start_ray(settings: Settings, deadline: float) -> bool:
 @dataclass
 class Job:
     lineage: str
-    kind: str  # "learn", "reduce" or "window" (asking a learner how many interactions its next window wants)
+    # "window" (asking a learner how many interactions its next window wants), "learn", and a reduction's three:
+    # "snapshot" (the learner writes one), "reduce" (the reducer reduces it), "adopt" (the learner takes the result)
+    kind: str
     started: float
-    payload: object = None  # learn: the window's interactions; reduce: its trigger
+    payload: object = None  # learn: the window's interactions; snapshot: the trigger; reduce: the Snapshot;
+    # adopt: (Snapshot, the reducer's ReductionReport)
 
 
 class Daemon:
@@ -117,6 +121,8 @@ class Daemon:
         self.buffers: dict[str, collections.deque[Interaction]] = collections.defaultdict(collections.deque)
         self.jobs: dict[object, Job] = {}
         self.reduce_requests: dict[str, str] = {}
+        self.to_reduce: dict[str, object] = {}  # lineage -> its Snapshot, waiting for the reducer to be up
+        self.adoptions: dict[str, tuple] = {}  # lineage -> (Snapshot, the reducer's report), for its learner
         self.failures: dict[str, int] = {}  # first entry id of a window -> failed attempts
         self.last_dispatch: dict[str, float] = {}
         self.windows: dict[str, int] = {}  # per lineage, the size its learner asked for in its last report
@@ -399,68 +405,130 @@ class Daemon:
         self.metrics.paused.set(1 if self.paused else 0)
 
     def _dispatch(self, drained: bool) -> None:
-        busy = {j.lineage for j in self.jobs.values()}
+        # A reduction runs in the reducer actor while its lineage goes on learning: only the learners' own
+        # calls (window, learn, snapshot, adopt) make a lineage busy and make learners sharing cores wait.
+        self._submit_reductions()
+        busy = {j.lineage for j in self.jobs.values() if j.kind != "reduce"}
+        reducing = ({j.lineage for j in self.jobs.values() if j.kind in ("snapshot", "reduce")}
+                    | set(self.to_reduce) | set(self.adoptions))
         # Oldest-served lineage first, so one busy lineage cannot starve the others.
         learners = self.learners
         for lineage in sorted(learners, key=lambda name: self.last_dispatch.get(name, 0.0)):
             actor = learners[lineage]
             if lineage in busy or not self.sup.is_up(f"learner:{lineage}"):
                 continue
-            if not self.s.learner_cpus and self.jobs:
+            if not self.s.learner_cpus and busy:
                 return  # learners sharing the node's cores take turns
-            if lineage in self.reduce_requests:
+            call = None
+            if lineage in self.adoptions:  # the reducer answered: the learner adopts or drops its result
+                snap, result = self.adoptions.pop(lineage)
+                call = (actor.finish_reduction.remote(snap, result),
+                        Job(lineage, "adopt", time.monotonic(), (snap, result)))
+            elif lineage in self.reduce_requests and lineage not in reducing:
                 trigger = self.reduce_requests.pop(lineage)
-                self.jobs[actor.reduce.remote(trigger)] = Job(lineage, "reduce", time.monotonic(), trigger)
+                call = actor.snapshot.remote(trigger), Job(lineage, "snapshot", time.monotonic(), trigger)
+            elif self.buffers[lineage] and not self.paused:
+                buf, n = self.buffers[lineage], self.windows.get(lineage)  # the learner owns its window's size
+                if n is None:  # no report yet: ask it
+                    call = actor.window_items.remote(), Job(lineage, "window", time.monotonic())
+                elif len(buf) >= n or drained:
+                    batch = [buf.popleft() for _ in range(min(n, len(buf)))]
+                    call = actor.learn.remote(batch), Job(lineage, "learn", time.monotonic(), batch)
+            if call is not None:
+                self.jobs[call[0]] = call[1]
                 busy.add(lineage)
-                self.last_dispatch[lineage] = time.monotonic()
-                continue
-            buf = self.buffers[lineage]
-            if self.paused or not buf:
-                continue
-            n = self.windows.get(lineage)  # the learner owns its window's size: every report says it
-            if n is None:  # no report yet: ask it
-                self.jobs[actor.window_items.remote()] = Job(lineage, "window", time.monotonic())
-                busy.add(lineage)
-                continue
-            if len(buf) >= n or drained:
-                batch = [buf.popleft() for _ in range(min(n, len(buf)))]
-                self.jobs[actor.learn.remote(batch)] = Job(lineage, "learn", time.monotonic(), batch)
-                busy.add(lineage)
-                self.last_dispatch[lineage] = time.monotonic()
+                if call[1].kind != "window":
+                    self.last_dispatch[lineage] = time.monotonic()
+
+    def _submit_reductions(self) -> None:
+        """Snapshots to the reducer, once it is up (a call made while Ray restarts it would fail unrun)."""
+        if not self.to_reduce or ("reducer" in self.sup.parts and not self.sup.is_up("reducer")):
+            return
+        for lineage, snap in list(self.to_reduce.items()):
+            self.jobs[self.reducer.reduce.remote(snap)] = Job(lineage, "reduce", time.monotonic(), snap)
+            del self.to_reduce[lineage]
+
+    @property
+    def reducer(self):
+        """The reducer actor, made at the first reduction (a daemon that never reduces never starts one)."""
+        if "reducer" not in self.sup.parts:
+            import ray
+
+            from daemon.actors import ReducerActor
+
+            cores = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
+            self.sup.add("reducer", "reducer", lambda: ReducerActor.options(
+                num_cpus=0, name="cascade-reducer", max_restarts=-1, max_task_retries=0).remote(self.s, max(1, cores // 2)))
+        return self.sup.handle("reducer")
 
     def _handle(self, ref) -> None:
         import ray
 
         job = self.jobs.pop(ref)
-        if job.kind == "window":
-            self._on_window(job.lineage, ref)
-            return
         try:
-            rep = ray.get(ref)
+            result = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            # The learner died under the call (killed, its node lost; Ray or the supervisor brings it back
-            # from its checkpoint): no fault of the window's, so it waits for the learner without counting
-            # an attempt. A reduction starts again from the checkpoint, up to MAX_LEARN_ATTEMPTS times.
-            log.warning("lineage %s: learner died during %s, put back: %s", job.lineage, job.kind, one_line(e))
-            self.sup.suspect(f"learner:{job.lineage}", e)
-            if job.kind == "learn":
-                self.buffers[job.lineage].extendleft(reversed(job.payload))
-                return
-            self.metrics.reductions.labels(job.lineage, "failed").inc()
-            key = f"reduce:{job.lineage}"
-            self.failures[key] = self.failures.get(key, 0) + 1
-            if self.failures[key] < MAX_LEARN_ATTEMPTS:
-                self.reduce_requests.setdefault(job.lineage, job.payload)
-            else:
-                del self.failures[key]
+            self._actor_died(job, e)
             return
         except Exception as e:  # noqa: BLE001
-            # The learner raised: nothing of this window was acknowledged, so it is dispatched again,
-            # up to MAX_LEARN_ATTEMPTS times.
-            log.error("lineage %s: %s failed: %s", job.lineage, job.kind, e)
-            if job.kind == "reduce":
-                self.metrics.reductions.labels(job.lineage, "failed").inc()
-                return
+            self._job_failed(job, e)
+            return
+        if job.kind == "window":
+            self.windows[job.lineage] = result
+        elif job.kind == "learn":
+            self.failures.pop(job.payload[0].entry_id, None)
+            self._on_learned(result)
+        elif job.kind == "snapshot":
+            if isinstance(result, ReductionReport):  # nothing to reduce on yet
+                self._on_reduced(result)
+            else:
+                self.to_reduce[job.lineage] = result
+        elif job.kind == "reduce":
+            self.adoptions[job.lineage] = (job.payload, result)
+        else:  # adopt
+            self.failures.pop(f"reduce:{job.lineage}", None)
+            self._on_reduced(result)
+
+    def _actor_died(self, job: Job, e: BaseException) -> None:
+        """The actor died under the call (killed, its node lost; Ray or the supervisor brings it back, a
+        learner from its checkpoint): no fault of the work's, so a window waits for its learner without
+        counting an attempt. A reduction is tried again up to MAX_LEARN_ATTEMPTS times: the same snapshot
+        when the reducer died (its learner still waits for it), a new one when the learner died while taking
+        it, the same candidate when the learner died while adopting it."""
+        part = "reducer" if job.kind == "reduce" else f"learner:{job.lineage}"
+        log.warning("lineage %s: %s died during %s, put back: %s", job.lineage, part, job.kind, one_line(e))
+        self.sup.suspect(part, e)
+        if job.kind == "learn":
+            self.buffers[job.lineage].extendleft(reversed(job.payload))
+        elif job.kind != "window":
+            key = f"reduce:{job.lineage}"
+            self.failures[key] = self.failures.get(key, 0) + 1
+            if self.failures[key] >= MAX_LEARN_ATTEMPTS:  # given up
+                del self.failures[key]
+                if job.kind == "reduce":  # counted when its learner has dropped the snapshot
+                    self._job_failed(job, e)
+                    return
+            elif job.kind == "adopt":
+                self.adoptions[job.lineage] = job.payload
+            elif job.kind == "reduce":
+                self.to_reduce[job.lineage] = job.payload
+            else:
+                self.reduce_requests.setdefault(job.lineage, job.payload)
+            self.metrics.reductions.labels(job.lineage, "failed").inc()
+
+    def _job_failed(self, job: Job, e: BaseException) -> None:
+        """The call raised. A window is dispatched again, up to MAX_LEARN_ATTEMPTS times, then its entries
+        are dead-lettered; a failed reduction is counted (a reducer's failure through its learner, which
+        drops the snapshot)."""
+        log.error("lineage %s: %s failed: %s", job.lineage, job.kind, e)
+        if job.kind == "reduce":
+            snap = job.payload
+            self.adoptions[job.lineage] = (snap, ReductionReport(
+                job.lineage, "failed", snap.parent, snap.parent, snap.n_params, snap.n_params,
+                time.monotonic() - job.started, detail=one_line(e)[:500]))
+        elif job.kind in ("snapshot", "adopt"):
+            self.metrics.reductions.labels(job.lineage, "failed").inc()
+        elif job.kind == "learn":
             key = job.payload[0].entry_id
             self.failures[key] = self.failures.get(key, 0) + 1
             if self.failures[key] < MAX_LEARN_ATTEMPTS:
@@ -472,25 +540,6 @@ class Daemon:
                 self.ingest.dead_letter.remote(it, "learn_failed", f"learning failed {MAX_LEARN_ATTEMPTS} times: {e}"[:300])
                 self.holding.discard(it.entry_id)
             self.metrics.rejected.labels("learn_failed").inc(len(job.payload))
-            return
-        if job.kind == "learn":
-            self.failures.pop(job.payload[0].entry_id, None)
-            self._on_learned(rep)
-        else:
-            self.failures.pop(f"reduce:{job.lineage}", None)
-            self._on_reduced(rep)
-
-    def _on_window(self, lineage: str, ref) -> None:
-        """A learner's answer to how many interactions its first window wants (its reports say it from then
-        on); a learner that could not answer is asked again at the next dispatch."""
-        import ray
-
-        try:
-            self.windows[lineage] = ray.get(ref)
-        except ray.exceptions.RayActorError as e:
-            self.sup.suspect(f"learner:{lineage}", e)
-        except Exception as e:  # noqa: BLE001
-            log.error("lineage %s: asking its window's size failed: %s", lineage, e)
 
     def _on_learned(self, rep) -> None:
         m, lin = self.metrics, rep.lineage

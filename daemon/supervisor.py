@@ -1,8 +1,9 @@
 """Supervision: every part the daemon depends on, whether it is up, since when, and bringing it back.
 
 A :class:`Supervisor` holds a table of :class:`Part` s. An *actor* part (the ingest actor, one learner per
-lineage; a serving deployment would be one more row) has a ``make`` that creates it and a restart
-:class:`Backoff` chosen by its kind. A *condition* part (Redis) has no ``make``: the driver reports it.
+lineage, the reducer once a reduction asked for one; a serving deployment would be one more row) has a
+``make`` that creates it and a restart :class:`Backoff` chosen by its kind. A *condition* part (Redis) has
+no ``make``: the driver reports it.
 
 The supervisor learns an actor's state from its ``ready()`` method, called every ``PING_EVERY_S`` seconds
 and at once when a call on it failed (:meth:`Supervisor.suspect`):
@@ -50,7 +51,8 @@ class Backoff:
 
 
 # Restart back-off by kind of actor. Start-up waits for its dependencies with STARTUP.
-BACKOFF: dict[str, Backoff] = {"ingest": Backoff(0.5, 30.0), "learner": Backoff(2.0, 60.0)}
+BACKOFF: dict[str, Backoff] = {"ingest": Backoff(0.5, 30.0), "learner": Backoff(2.0, 60.0),
+                               "reducer": Backoff(2.0, 60.0)}
 STARTUP = Backoff(1.0, 15.0)
 
 

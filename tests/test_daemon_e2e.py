@@ -259,3 +259,61 @@ def test_pause_holds_learning_and_resume_releases_it(tmp_path, tiny_model, redis
     assert learned > 0 and metric_value(m, "cascade_tokens_learned_total", lineage="main") > learned
     assert metric_value(m, "cascade_learning_phase", lineage="main", phase="full") == 1
     assert metric_value(m, "cascade_learning_knob", lineage="main", knob="learning_rate") == 0.003
+
+
+def test_a_reduction_runs_beside_learning_and_a_killed_reducer_loses_nothing(tmp_path, tiny_model, redis_url,
+                                                                            daemon_factory):
+    """The reducer works on a snapshot in an actor of its own: kill -9 of its process while it reduces loses
+    nothing, the lineage learns on meanwhile, and the reduction is made again from a new snapshot and promoted."""
+    import os
+    import signal
+
+    home = tmp_path / "home"
+    env = settings_env(home, tiny_model, redis_url, calibration_items=32, heal_steps=200)  # a reduction of many seconds
+    r = redis.Redis.from_url(redis_url)
+    for i in range(40):
+        r.xadd(STREAM, interaction(i))
+    d = daemon_factory(env)
+    d.wait_healthy()
+    wait_drained(r, STREAM, GROUP, proc=d)
+    learned_first = json.loads((home / "registry/main/live/state.json").read_text())["interactions_learned"]
+    r.xadd("cascade:control", {"command": "reduce", "lineage": "main"})
+    snapshots = home / "reductions" / "main"
+
+    def reducing() -> int | None:  # the reducer's pid once it works on a snapshot that has no candidate yet
+        pids = subprocess.run(["pgrep", "-s", str(d.proc.pid), "-f", "ray::ReducerActor"], capture_output=True,
+                              text=True).stdout.split()
+        taken = [p for p in snapshots.glob("*") if not p.name.startswith(".")] if snapshots.is_dir() else []
+        return int(pids[0]) if pids and taken and not (taken[0] / "candidate").exists() else None
+
+    deadline = time.monotonic() + 120
+    while (pid := reducing()) is None:
+        assert time.monotonic() < deadline, d.log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)  # into the reduction
+    assert not any((p / "candidate").exists() for p in snapshots.glob("*")), "the reduction ended before the kill"
+    os.kill(pid, signal.SIGKILL)
+    for i in range(40, 64):  # the lineage learns on while its reducer is dead, restarted and reducing again
+        r.xadd(STREAM, interaction(i))
+    wait_drained(r, STREAM, GROUP, proc=d)
+    deadline = time.monotonic() + 300
+    while not r.xlen("cascade:generations"):
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.log.read_text()[-3000:]
+        time.sleep(0.5)
+    (_, event), = r.xrange("cascade:generations")
+    assert event[b"generation"] == b"gen-0001" and (home / "registry/main/CURRENT").read_text().strip() == "gen-0001"
+    AutoModelForCausalLM.from_pretrained(home / "registry/main/gen-0001")
+    m = d.metrics()
+    assert metric_value(m, "cascade_reductions_total", lineage="main", outcome="failed") == 1
+    assert metric_value(m, "cascade_reductions_total", lineage="main", outcome="promoted") == 1
+    deadline = time.monotonic() + 60
+    while (state := json.loads((home / "registry/main/live/state.json").read_text()))["base"] != "gen-0001":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    heldout = sum(len(v) for v in json.loads((home / "registry/main/live/heldout.json").read_text()).values())
+    assert state["interactions_learned"] + heldout + state["deferred_waiting"] == 64  # nothing lost or counted twice
+    assert state["reduction_pending"] is None and not any(snapshots.iterdir())
+    # Learned while the reducer worked: after the snapshot, before the adoption (then relearned on gen-0001).
+    card = json.loads((home / "registry/main/gen-0001/card.json").read_text())
+    assert state["interactions_learned"] >= card["interactions_seen"] > learned_first
+    assert card["reduction"]["snapshot"]["learner_step"] < state["step"]

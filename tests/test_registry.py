@@ -193,3 +193,81 @@ def test_reduction_trims_the_vocabulary_and_learning_goes_on(tmp_path, tiny_mode
     assert after.learned > 0 and w.generation == rep.generation
     w.close()
     assert len(LineageWorker(s, "main").tokenizer) == vocab["tokens"][1]
+
+
+def lora_b_norm(w: LineageWorker) -> float:
+    """How far the live adapter has moved from its start (LoRA's B factors start at zero)."""
+    return sum(float(p.detach().norm()) for n, p in w.learner.model.named_parameters() if "lora_B" in n)
+
+
+def test_a_background_reduction_carries_over_what_was_learned_meanwhile(tmp_path, tiny_model):
+    """Snapshot, learning goes on, the reducer's candidate is adopted: the interactions learned meanwhile are
+    learned again on the new generation's fresh adapter, and none is counted or recorded twice."""
+    from daemon.snapshots import run_reduction
+
+    s = settings(tmp_path, tiny_model, reduce_budget=5.0, gate="off")
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn(items(24))
+    snap = w.snapshot("command")
+    assert w.state()["reduction_pending"]["id"] == snap.id and w.dir.current() == "gen-0000"
+    meanwhile = w.learn(items(16, start=24))  # the learner goes on while the reducer works
+    assert meanwhile.learned > 0 and len(w.since_snapshot) == meanwhile.learned
+    learned_before, ledger_before = w.counters["interactions_learned"], w.ledger.count()
+    result = run_reduction(snap, s)  # what the reducer actor runs, on the snapshot's folder only
+    assert result.outcome == "candidate" and w.dir.current() == "gen-0000"
+    rep = w.finish_reduction(snap, result)
+    assert rep.outcome == "promoted" and w.dir.current() == rep.generation == w.generation == "gen-0001"
+    assert rep.card["reduction"]["snapshot"]["id"] == snap.id and rep.card["parent"] == "main/gen-0000"
+    # Relearned, not learned again: the fresh adapter has moved, the counts and the ledger have not.
+    assert lora_b_norm(w) > 0 and w.counters["update_steps"] > meanwhile.steps
+    assert w.counters["interactions_learned"] == learned_before and w.ledger.count() == ledger_before
+    assert w.ledger.count("learned") == learned_before
+    assert w.pending is None and w.state()["reduction_pending"] is None
+    assert not (w.dir.live_target() / "since-snapshot.json").exists() and not os.path.exists(snap.path)
+    again = w.learn(items(8, start=24))  # a redelivery of what was learned meanwhile: duplicates
+    assert again.duplicates == 8 and again.learned == 0
+
+
+def test_a_kill_during_the_adoption_is_finished_by_the_restart(tmp_path, tiny_model):
+    """Killed after CURRENT names the new generation but before the new adapter's checkpoint: the restarted
+    learner relearns on it what was learned since the snapshot (kept in the last checkpoint)."""
+    from daemon.snapshots import run_reduction
+
+    s = settings(tmp_path, tiny_model, reduce_budget=5.0, gate="off")
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn(items(24))
+    snap = w.snapshot("command")
+    meanwhile = w.learn(items(16, start=24))
+    result = run_reduction(snap, s)
+    learned = w.counters["interactions_learned"]
+    assert meanwhile.learned > 0 and len(w.since_snapshot) == meanwhile.learned
+    w._relearn = lambda rows: (_ for _ in ()).throw(KeyboardInterrupt())  # the "kill", after set_current
+    with pytest.raises(KeyboardInterrupt):
+        w.finish_reduction(snap, result)
+    w.close()
+    assert w.dir.current() == "gen-0001" and w.dir.live_state()["base"] == "gen-0000"
+    w2 = LineageWorker(s, "main")
+    assert w2.generation == "gen-0001" and w2.pending is None and w2.dir.live_state()["base"] == "gen-0001"
+    assert lora_b_norm(w2) > 0 and w2.counters["interactions_learned"] == learned  # relearned, not recounted
+    # The driver's adoption, asked again of the restarted learner, answers with the promotion that happened.
+    rep = w2.finish_reduction(snap, result)
+    assert rep.outcome == "promoted" and rep.generation == "gen-0001"
+    assert w2.learn(items(8, start=60)).learned > 0
+
+
+def test_a_reduction_the_reducer_could_not_finish_leaves_the_learner_as_it_was(tmp_path, tiny_model):
+    from daemon.reports import ReductionReport
+
+    s = settings(tmp_path, tiny_model, gate="off")
+    ensure_foundation(Registry(s.registry_root).lineage("main"), s.base_model)
+    w = LineageWorker(s, "main")
+    w.learn(items(24))
+    norm = lora_b_norm(w)
+    snap = w.snapshot("command")
+    failed = ReductionReport("main", "failed", "gen-0000", "gen-0000", w.n_params, w.n_params, 1.0, detail="killed")
+    rep = w.finish_reduction(snap, failed)
+    assert rep.outcome == "failed" and w.dir.current() == "gen-0000" and w.pending is None
+    assert lora_b_norm(w) == pytest.approx(norm) and not os.path.exists(snap.path)  # the same adapter goes on
+    assert w.learn(items(8, start=24)).learned > 0 and w.since_snapshot == []
