@@ -14,9 +14,14 @@ import sys
 # (module, arguments of the full run); --quick replaces the sizes of each with a smoke run's
 STEPS: list[tuple[str, list[str]]] = [
     ("continual", []),  # the related suite: man/python/rust/c
-    ("continual", ["--suite", "unlike", "--per-stage", "160", "--configs", "naive,default,joint"]),
+    # the unlike suite with the gate judging (10% held out, so that every source holds enough held-out items)
+    ("continual", ["--suite", "unlike", "--per-stage", "160", "--heldout-fraction", "0.1",
+                   "--configs", "naive,default,joint"]),
+    ("continual", ["--suite", "unlike", "--per-stage", "160", "--heldout-fraction", "0.1", "--order", "reverse",
+                   "--configs", "naive,default"]),
     ("curation", []),
     ("reduction", []),
+    ("background", []),
     ("heal_scaling", []),
     ("heal_scaling", ["--reconstruct", "--pools", "pool", "--steps", "24,96,384,1536,3072",
                       "--out", "heal-scaling-reconstruct.json"]),

@@ -75,7 +75,9 @@ def test_make_bench_runs_every_benchmark_and_its_smoke_runs_keep_the_suite():
     modules = {p.stem for p in ROOT.glob("*.py") if "\ndef main(" in p.read_text()}
     inner = {"run", "avalanche_baselines", "continual_sweep"}  # make bench itself; a subprocess; an in-process study
     assert modules - inner == {m for m, _ in STEPS}
-    assert ("continual", ["--suite", "unlike", "--per-stage", "160", "--configs", "naive,default,joint"]) in STEPS
+    unlike = ["--suite", "unlike", "--per-stage", "160", "--heldout-fraction", "0.1"]  # the gate judging
+    assert ("continual", [*unlike, "--configs", "naive,default,joint"]) in STEPS
+    assert ("continual", [*unlike, "--order", "reverse", "--configs", "naive,default"]) in STEPS
     assert arguments("continual", ["--suite", "unlike", "--per-stage", "160"], quick=True) == ["--quick", "--suite",
                                                                                                  "unlike"]
     assert arguments("heal_scaling", ["--reconstruct", "--out", "x.json"], quick=True) == ["--quick"]
