@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -616,9 +617,12 @@ class LineageWorker:
                                record["evals"])
         staging = self.dir.staging_dir()
         try:
-            for f in folder.iterdir():
+            for f in folder.iterdir():  # linked where the filesystem allows: the candidate is never written again
                 if f.name != "reduction.json":
-                    shutil.copy2(f, staging / f.name)
+                    try:
+                        os.link(f, staging / f.name)
+                    except OSError:
+                        shutil.copy2(f, staging / f.name)
             card["exports"], export_failures = self._export(staging, gen)
             self.dir.publish_generation(staging, gen, card)
         except BaseException:
