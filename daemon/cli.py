@@ -114,7 +114,8 @@ def lineage_rows(registry: Registry) -> list[dict]:
                      "interactions_learned": state.get("interactions_learned", 0),
                      "heldout_loss": state.get("heldout_loss", {}), "live_base": state.get("base"),
                      "fates": fates(state), "source_forgetting": state.get("source_forgetting", {}),
-                     "forgetting_bound": state.get("forgetting_bound"), "updated_at": state.get("updated_at")})
+                     "forgetting_bound": state.get("forgetting_bound"), "updated_at": state.get("updated_at"),
+                     "reducing": state.get("reduction_pending")})
     return rows
 
 
@@ -309,6 +310,10 @@ def status_lines(doc: dict) -> list[str]:
         gaps = " ".join(f"{k}=+{v:.3f}" for k, v in r["source_forgetting"].items()) or "-"
         lines.append(f"{'':<16}fates: {shares.replace('deferred_waiting', 'deferred')} (rollbacks {f['rollbacks']})"
                      f"  forgetting per source {gaps}" + (f" (bound {bound:g})" if bound is not None else ""))
+        if r.get("reducing"):
+            snap = r["reducing"]
+            lines.append(f"{'':<16}reducing {snap['parent']} in the background ({snap['trigger']}, snapshot {snap['id']} "
+                         f"at step {snap['step']}); learning goes on")
     return lines + health_lines(doc)
 
 

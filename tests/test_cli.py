@@ -63,7 +63,13 @@ def test_status_generations_eval_and_fork_offline(tmp_path, tiny_model, redis_ur
     assert st["lineages"][0]["generation"] == "gen-0001" and st["daemon_running"] is False
     assert "lag" in st and "pending" in st
     txt = cascade(env, "status").stdout
-    assert "gen-0001" in txt and "lag 0" in txt
+    assert "gen-0001" in txt and "lag 0" in txt and "reducing" not in txt
+    w = LineageWorker(s, "main")
+    snap = w.snapshot("command")  # a reduction in the background: the reducer has the snapshot
+    w.close()
+    st = json.loads(cascade(env, "status", "--json").stdout)
+    assert st["lineages"][0]["reducing"]["id"] == snap.id
+    assert f"reducing gen-0001 in the background (command, snapshot {snap.id}" in cascade(env, "status").stdout
 
     out = cascade(env, "fork", "--from", "main/gen-0001", "--to", "niche")
     assert out.returncode == 0, out.stderr
