@@ -202,6 +202,10 @@ class Settings(BaseSettings):
                                "replay + recent data never use (learners/vocab.py), kept only where the reduction, "
                                "trim included, stays within reduce_budget (held-out loss per byte of text)",
                                json_schema_extra=EXPERIMENTAL)
+    reduce_regrow: float = Field(0.0, ge=0, le=1, description="share of the pruned MLP width a reduction gives back "
+                                 "as fresh units that write nothing until learning uses them (room for the next "
+                                 "specialization; learners/reduction.py regrow); 0: none, until bench/plasticity "
+                                 "shows it pays", json_schema_extra=EXPERIMENTAL)
 
     # -- the service -----------------------------------------------------------------------------
     max_entry_bytes: int = Field(64 * 1024, ge=256, le=64 << 20, description="largest stream entry accepted; larger "
@@ -463,7 +467,7 @@ class Settings(BaseSettings):
         from learners.reduce import Switches
 
         return Switches(max_seq_len=self.max_seq_len, batch_size=self.batch_size, bf16=self.precision == "bf16",
-                        heal_steps=self.heal_steps)
+                        heal_steps=self.heal_steps, regrow=self.reduce_regrow)
 
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]

@@ -14,7 +14,9 @@ offers (``policy.keeps()``, backing off when a try fails its gate):
    (:func:`learners.reduction.reconstruct`), likewise kept only where the gate sets agree;
 4. **healing**: distillation from the teacher on the heal items (:func:`learners.reduction.heal`);
 5. **gate**: the worst held-out perplexity ratio to the teacher must stay within ``policy.budget``;
-6. **vocabulary** (when ``data.vocabulary`` is given): the tokens those items never use are trimmed,
+6. **regrowth** (``Switches.regrow``, off by default): a share of the pruned MLP width comes back as
+   fresh units that write nothing yet (:func:`learners.reduction.regrow`), room for later learning;
+7. **vocabulary** (when ``data.vocabulary`` is given): the tokens those items never use are trimmed,
    kept only when the reduction, trim included, still passes the gate (judged per byte of text).
 
 The teacher is not modified. Nothing here touches the registry.
@@ -33,7 +35,7 @@ ensure_torchvision_importable()  # before transformers imports torchvision
 
 from learners.data import Example
 from learners.reduction import (Importance, activation_importance, count_parameters, heal, kept_blocks,
-                                magnitude_importance, prune, random_importance, reconstruct)
+                                magnitude_importance, prune, random_importance, reconstruct, regrow)
 from learners.update import evaluate_loss
 from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
 from policies.reduction import ModelShape, ReductionPlan, ReductionPolicy, plan_candidates
@@ -70,6 +72,7 @@ class Switches:
     refit: Auto = "auto"
     reconstruct: Auto = "auto"
     plan: ReductionPlan | None = None  # a fixed allocation instead of measuring the candidates
+    regrow: float = 0.0  # share of the pruned MLP width given back as fresh units (learners.reduction.regrow)
     on_heal_step: Callable[[object, int, int, float], None] | None = None  # (student, step, steps, kl)
 
 
@@ -123,10 +126,15 @@ class ReductionRecord:
     n_params_after: int | None = None
     vocabulary: dict | None = None
     ppl_after: dict[str, float] = field(default_factory=dict)  # the result's, trim included
+    regrown: int = 0  # fresh MLP units added to every block after the gate (Switches.regrow)
 
     @property
     def passed(self) -> bool:
         return self.plan is not None
+
+    def regrow_units(self, share: float) -> int:
+        """Fresh MLP units a block gets back for ``share`` of the width the passing plan pruned."""
+        return round(share * (self.shape.intermediate - self.plan.intermediate))
 
     def card(self, trigger: str, merged_adapter: dict, keep_target: float) -> dict:
         """The ``reduction`` section of the generation card."""
@@ -151,6 +159,7 @@ class ReductionRecord:
             "gate": {"budget_ppl_ratio": self.budget, "ppl_before": self.ppl_before,
                      "tries": [t.card() for t in self.tries], "passed": True},
             "vocabulary": self.vocabulary,
+            "regrown_mlp_units": self.regrown,
         }
 
 
@@ -252,6 +261,9 @@ def reduce(teacher, tokenizer, data: ReductionData, policy: ReductionPolicy, sw:
     if chosen is None:
         return Reduction(None, tokenizer, rec)
     rec.plan, student, rec.ppl_after = chosen
+    if sw.regrow > 0:  # changes no output (the fresh units write nothing yet): the gate's verdict stands
+        rec.regrown = rec.regrow_units(sw.regrow)
+        student = regrow(student, rec.regrown, seed=0)
     out_tok = tokenizer
     if data.vocabulary is not None:
         student, out_tok, rec.vocabulary = _trim_vocabulary(student, tokenizer, data, rec, policy, sw, name)

@@ -270,6 +270,34 @@ def prune(model, importance: Importance, intermediate: int, kv_heads: int | None
     return small
 
 
+def regrow(model, units: int, seed: int = 0) -> LlamaForCausalLM:
+    """A new dense model with ``units`` fresh MLP neurons added to every block, computing exactly what
+    ``model`` computes: each new neuron's ``gate_proj`` and ``up_proj`` rows are drawn at random, at the
+    scale of the block's existing rows, and its ``down_proj`` column is zero, so it writes nothing to the
+    residual stream until something learns to read it (a LoRA adapter on ``down_proj`` can). A remedy for
+    the capacity pruning takes away from later learning (regrowing a share of the pruned width as fresh
+    units, in the spirit of continual backprop's fresh units, Dohare et al. 2024)."""
+    if units <= 0:
+        return model
+    cfg: LlamaConfig = copy.deepcopy(model.config)
+    cfg.intermediate_size += int(units)
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name in [k for k in state if k.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight"))]:
+        w = state[name]
+        fresh = torch.randn(units, w.shape[1], generator=gen, dtype=torch.float32) * float(w.float().std())
+        state[name] = torch.cat([w, fresh.to(w.dtype).to(w.device)], 0)
+    for name in [k for k in state if k.endswith("mlp.down_proj.weight")]:
+        w = state[name]
+        state[name] = torch.cat([w, torch.zeros(w.shape[0], units, dtype=w.dtype, device=w.device)], 1)
+    grown = LlamaForCausalLM(cfg).to(torch.float32).to(model_device(model))
+    grown.load_state_dict(state, strict=not cfg.tie_word_embeddings)
+    if cfg.tie_word_embeddings:
+        grown.tie_weights()
+    grown.generation_config = copy.deepcopy(model.generation_config)
+    return grown
+
+
 class _Stop(Exception):
     pass
 

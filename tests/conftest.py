@@ -38,6 +38,7 @@ SLOW_UNITS = {
     "test_reduction::test_healing_by_distillation_closes_part_of_the_gap",
     "test_reduction::test_least_squares_refit_and_reconstruction_make_up_for_what_was_pruned",
     "test_reduction::test_reconstructing_an_unpruned_copy_changes_nothing",
+    "test_reduction::test_regrown_units_are_fresh_write_nothing_yet_and_can_be_learned",
     "test_reduction::test_the_reducer_backs_off_to_larger_keeps_and_gives_up_after_the_last",
     "test_reduction::test_the_reducer_keeps_refit_and_reconstruction_only_where_the_gate_sets_agree",
     "test_registry::test_a_background_reduction_carries_over_what_was_learned_meanwhile",

@@ -46,7 +46,7 @@ def test_toml_file_and_env_precedence(tmp_path, monkeypatch):
     ("CASCADE_CURATION_THRESHOLD", "1.5"), ("CASCADE_CURATION_FAIR_SHARE", "0"), ("CASCADE_CURATION_NUM_PERM", "4"),
     ("CASCADE_CURATION_CAPACITY", "0"), ("CASCADE_SKIPPED_MAX_ENTRIES", "0"), ("CASCADE_CURATION_LOSS_LOW", "20"),
     # one switch per idea: distillation and the anchor are switched off in CASCADE_CONSTRAINTS, not by weight 0
-    ("CASCADE_DISTILL_WEIGHT", "0"), ("CASCADE_ANCHOR_WEIGHT", "0"),
+    ("CASCADE_DISTILL_WEIGHT", "0"), ("CASCADE_ANCHOR_WEIGHT", "0"), ("CASCADE_REDUCE_REGROW", "1.5"),
 ])
 def test_bad_values_fail_naming_the_setting(monkeypatch, name, value):
     monkeypatch.setenv(name, value)

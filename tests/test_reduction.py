@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learners.data import Example, collate
@@ -299,3 +300,31 @@ def test_the_reducer_trims_the_vocabulary_and_judges_the_trim_per_byte(teacher, 
     assert kept.model.config.vocab_size == len(kept.tokenizer) and kept.record.ppl_after == vocab["ppl_after"]
     # Judged per byte of text against the parent, as every try is.
     assert set(vocab["ppl_in_parent_tokens"]) == {"d"} and vocab["items"] == len(DATA)
+
+
+def test_regrown_units_are_fresh_write_nothing_yet_and_can_be_learned(teacher, tok):
+    """The plasticity remedy: fresh MLP units after pruning. The outputs are those of the model they were added
+    to; their input rows are new random directions at the block's scale; a gradient reaches what reads them."""
+    from learners.reduction import regrow
+
+    small = _reduce(teacher, tok).model
+    width = small.config.intermediate_size
+    grown = regrow(small, 16, seed=3)
+    assert grown.config.intermediate_size == width + 16 and small.config.intermediate_size == width
+    assert torch.allclose(_logits(grown, tok), _logits(small, tok), atol=1e-5)
+    for old, new in zip(small.model.layers, grown.model.layers):
+        assert torch.equal(new.mlp.down_proj.weight[:, width:], torch.zeros_like(new.mlp.down_proj.weight[:, width:]))
+        assert torch.equal(new.mlp.gate_proj.weight[:width], old.mlp.gate_proj.weight)
+        fresh = new.mlp.up_proj.weight[width:]
+        cos = F.normalize(fresh, dim=1) @ F.normalize(old.mlp.up_proj.weight, dim=1).T
+        assert cos.abs().max() < 0.9 and 0.5 < fresh.std() / old.mlp.up_proj.weight.std() < 2.0
+    # A step of learning can read them: the loss's gradient on the new columns of down_proj is not zero.
+    b = collate(tok, DATA[:4], 32)
+    grown(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss.backward()
+    assert grown.model.layers[0].mlp.down_proj.weight.grad[:, width:].abs().sum() > 0
+    # Through the reducer: a share of the pruned width, recorded, and the gate's figures unchanged.
+    out = _reduce(teacher, tok, regrow=0.5)
+    pruned = ModelShape.of(teacher.config).intermediate - out.record.plan.intermediate
+    assert out.record.regrown == round(0.5 * pruned) > 0
+    assert out.model.config.intermediate_size == out.record.plan.intermediate + out.record.regrown
+    assert out.record.card("command", {}, 0.6)["regrown_mlp_units"] == out.record.regrown
