@@ -281,31 +281,47 @@ def markdown_table(doc: dict) -> str:
 
 
 VARIANT_RE = (r"continual(?:-(?P<suite>[a-z]+)-(?P<order>forward|reverse)-s(?P<seed>\d+))?"
-              r"(?:-n\d+)?(?:-h0\.\d+)?\.json")  # the name main() gives a result, not -quick's
+              r"(?P<size>(?:-n\d+)?(?:-h0\.\d+)?)\.json")  # the name main() gives a result, not -quick's
 
 
 def targets(paths) -> str:
     """Issue 22's targets, one row per result file (a suite, order, seed and size) that has ``naive`` and
     ``default``: the default's average forgetting over naive's (at most 0.25), its worst loss right after
-    a stage over naive's (at most 1.03), its final perplexity over joint's (at most 1.05; '-' where joint
-    was not run), and what the gate did. A missing variant is simply not listed."""
+    a stage over naive's (at most 1.03), its final perplexity over joint's (at most 1.05), and what the gate
+    did. Joint learns every stage's interactions shuffled together, so the order does not matter to it: a
+    file without joint is compared with the joint of the other order (marked ``*``) when that file has the
+    same data (suite, seed, size and the foundation's held-out losses per domain); '-' where neither has
+    one. A missing variant is simply not listed."""
+    docs = {}
+    for path in sorted(paths):
+        m = re.fullmatch(VARIANT_RE, Path(path).name)
+        if m:
+            docs[Path(path).name] = (m, json.loads(Path(path).read_text()))
+
+    def same_data(a: dict, b: dict) -> bool:
+        fa, fb = (dict(zip(d.get("domains", []), d.get("foundation_loss", []))) for d in (a, b))
+        return bool(fa) and fa.keys() == fb.keys() and all(abs(fa[k] - fb[k]) <= 1e-3 for k in fa)
+
     lines = ["| suite | order | seed | file | forgetting / naive (<= 0.25) | worst own-stage loss / naive (<= 1.03) | "
              "final ppl / joint (<= 1.05) | rollbacks | deferred | refused | default's commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(paths):
-        m = re.fullmatch(VARIANT_RE, Path(path).name)
-        if not m:
-            continue
-        cfg = json.loads(Path(path).read_text())["configs"]
+    for name, (m, doc) in docs.items():
+        cfg = doc["configs"]
         if "naive" not in cfg or "default" not in cfg:
             continue
         n, d = cfg["naive"]["summary"], cfg["default"]["summary"]
         forget = d["avg_forgetting"] / n["avg_forgetting"] if n["avg_forgetting"] > 0 else float("inf")
         worst = max(a / b for a, b in zip(d["plasticity"], n["plasticity"]))
-        joint = f"{d['avg_final_ppl'] / cfg['joint']['summary']['avg_final_ppl']:.3f}" if "joint" in cfg else "-"
+        joint, mark = cfg.get("joint"), ""
+        if joint is None:
+            twins = [o["configs"]["joint"] for other, (mo, o) in docs.items() if other != name and "joint" in
+                     o["configs"] and (mo["suite"], mo["seed"], mo["size"]) == (m["suite"], m["seed"], m["size"])
+                     and same_data(o, doc)]
+            joint, mark = (twins[0], "*") if twins else (None, "")
+        ratio = f"{d['avg_final_ppl'] / joint['summary']['avg_final_ppl']:.3f}{mark}" if joint else "-"
         res = cfg["default"]
-        lines.append(f"| {m['suite'] or 'related'} | {m['order'] or 'forward'} | {m['seed'] or 0} | {Path(path).name} "
-                     f"| {forget:.2f} | {worst:.3f} | {joint} | {res['rollbacks']} | {res.get('deferred', '-')} | "
+        lines.append(f"| {m['suite'] or 'related'} | {m['order'] or 'forward'} | {m['seed'] or 0} | {name} "
+                     f"| {forget:.2f} | {worst:.3f} | {ratio} | {res['rollbacks']} | {res.get('deferred', '-')} | "
                      f"{res.get('refused', '-')} | {res.get('commit', '?')} |")
     return "\n".join(lines)
 

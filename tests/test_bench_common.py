@@ -65,6 +65,17 @@ def test_the_continual_targets_compare_default_with_naive_and_joint(tmp_path):
     rows = targets(tmp_path.glob("*.json")).splitlines()[2:]
     assert rows == ["| unlike | reverse | 1 | continual-unlike-reverse-s1.json | 0.25 | 1.050 | 1.050 | 2 | 5 | 0 "
                     "| abc |"]
+    # Without a joint of its own, a file is compared with the other order's joint on the same data only.
+    data = {"domains": ["a", "b"], "foundation_loss": [2.0, 3.0]}
+    (tmp_path / "continual-unlike-forward-s0-n160.json").write_text(json.dumps({**data, "configs": {
+        "naive": res(0.4, [1.0, 2.0], 14.0), "default": res(0.1, [1.0, 2.0], 12.6), "joint": res(0, [], 12.0)}}))
+    reverse = {"domains": ["b", "a"], "foundation_loss": [3.0, 2.0], "configs": {
+        "naive": res(0.4, [2.0, 1.0], 14.0), "default": res(0.1, [2.0, 1.0], 13.2)}}
+    (tmp_path / "continual-unlike-reverse-s0-n160.json").write_text(json.dumps(reverse))
+    (tmp_path / "continual-unlike-reverse-s0.json").write_text(json.dumps(reverse))  # another size: no twin
+    rows = targets(tmp_path.glob("*.json")).splitlines()[2:]
+    assert "| continual-unlike-reverse-s0-n160.json | 0.25 | 1.000 | 1.100* |" in rows[1]
+    assert "| continual-unlike-reverse-s0.json | 0.25 | 1.000 | - |" in rows[2]
 
 
 def test_make_bench_runs_every_benchmark_and_its_smoke_runs_keep_the_suite():
