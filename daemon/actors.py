@@ -6,7 +6,8 @@
   declares N CPUs to Ray (which places it where they are free) and runs N torch threads; with the
   default 0 the learners of a node share all its cores and the driver lets one learn at a time.
 * ``ReducerActor`` reduces a learner's snapshot (``daemon/snapshots.py``) while that learner goes on
-  learning; one for the daemon, made at the first reduction, on the CPU with half the node's cores.
+  learning; one for the daemon, made at the first reduction, with half the node's cores as torch threads
+  and, where the learners use GPUs, a learner's share of one.
 """
 from __future__ import annotations
 

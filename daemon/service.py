@@ -457,8 +457,10 @@ class Daemon:
             from daemon.actors import ReducerActor
 
             cores = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
+            gpus = self.s.learner_gpus if self._wants_gpu() else 0  # a learner's share of a GPU, when they use one
             self.sup.add("reducer", "reducer", lambda: ReducerActor.options(
-                num_cpus=0, name="cascade-reducer", max_restarts=-1, max_task_retries=0).remote(self.s, max(1, cores // 2)))
+                num_cpus=0, num_gpus=gpus, name="cascade-reducer", max_restarts=-1, max_task_retries=0,
+            ).remote(self.s, max(1, cores // 2)))
         return self.sup.handle("reducer")
 
     def _handle(self, ref) -> None:

@@ -77,7 +77,7 @@ def run_reduction(snap: Snapshot, settings: Settings) -> ReductionReport:
 
     t0 = time.perf_counter()
     path = Path(snap.path)
-    teacher = load_causal_lm(path / "teacher").eval()
+    teacher = load_causal_lm(path / "teacher").to(settings.resolved_device()).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path / "teacher"))
     out = reduce(teacher, tokenizer, read_data(path), settings.reduction_policy(), settings.reduction_switches(),
                  name=f"lineage {snap.lineage}: ")
