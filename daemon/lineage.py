@@ -130,6 +130,11 @@ class LineageWorker:
             # Killed during an adoption, after CURRENT named the new generation: finish it.
             log.info("lineage %s: finishing the adoption of %s after a restart", lineage, self.generation)
             self._start_generation()
+        elif self.pending is not None and not Path(self.pending.path).is_dir():
+            # Its snapshot is gone (a daemon that starts removes them: no reducer works on them any more).
+            log.info("lineage %s: the reduction from snapshot %s was abandoned", lineage, self.pending.id)
+            self.pending, self.since_snapshot = None, []
+            self.checkpoint()
 
     # -- loading ---------------------------------------------------------------------------------
     def _load_learner(self, state: dict, live: Path | None) -> None:
@@ -601,6 +606,7 @@ class LineageWorker:
             done = self._adopted(snap)
             if done is not None:  # adopted by the restart that followed a crash during the adoption
                 return done
+            shutil.rmtree(snap.path, ignore_errors=True)
             return ReductionReport(self.lineage, "rejected", self.generation, self.generation, self.n_params,
                                    self.n_params, result.seconds, detail=f"snapshot {snap.id} is no longer awaited")
         candidate = read_candidate(snap) if result.outcome == "candidate" else None

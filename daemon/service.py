@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import threading
@@ -157,6 +158,8 @@ class Daemon:
 
         consumer = f"cascade-{socket.gethostname()}"
         self.sup.add("ingest", "ingest", lambda: IngestActor.remote(s, self.redis_url, consumer))
+        # Snapshots of an earlier run wait for a reducer no longer there: their learners learn on without them.
+        shutil.rmtree(s.home / "reductions", ignore_errors=True)
         for lineage in self.registry.lineages():
             self._learner(lineage)
         if s.serve:  # the OpenAI-compatible API beside learning (daemon/serving/)

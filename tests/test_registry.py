@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -271,3 +272,11 @@ def test_a_reduction_the_reducer_could_not_finish_leaves_the_learner_as_it_was(t
     assert rep.outcome == "failed" and w.dir.current() == "gen-0000" and w.pending is None
     assert lora_b_norm(w) == pytest.approx(norm) and not os.path.exists(snap.path)  # the same adapter goes on
     assert w.learn(items(8, start=24)).learned > 0 and w.since_snapshot == []
+    # A daemon that starts removes the snapshots of its last run (no reducer works on them): their learners
+    # stop waiting.
+    again = w.snapshot("command")
+    w.close()
+    shutil.rmtree(again.path)
+    w2 = LineageWorker(s, "main")
+    assert w2.pending is None and w2.dir.live_state()["reduction_pending"] is None
+    assert w2.learn(items(8, start=32)).learned > 0 and w2.since_snapshot == []
