@@ -79,7 +79,8 @@ def main(argv=None) -> int:
                 "per_second": (b["learned"] - a["learned"]) / (b["t"] - a["t"])}
 
     # (a reduction shorter than one window, as a smoke run's may be, leaves no rate to measure)
-    doc = {"alone": rate(start, alone_end), "during_reduction": rate(during[0], during[-1]) if len(during) > 1 else None,
+    doc = {"alone": rate(start, alone_end),
+           "during_reduction": rate(during[0], during[-1]) if len(during) > 1 else None,
            "reduction_seconds": trace[-1]["t"] - during[0]["t"] if during else None, "generation": gen,
            "n_params": [card["reduction"]["n_params_before"], card["n_params"]],
            "keep_achieved": card["reduction"]["keep_achieved"], "published": len(records), "stream_length": remaining,

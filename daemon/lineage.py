@@ -43,11 +43,11 @@ from daemon.heldout import HeldoutLosses
 from daemon.registry import LineageDir, Registry, atomic_write_json, generation_card, now_rfc3339, read_json
 from daemon.reports import LearnReport, ReductionReport, Snapshot
 from daemon.schema import Interaction
+from daemon.snapshots import read_candidate, run_reduction, write_snapshot
 from learners.curation import Candidate, ContentIndex, Curator
 from learners.data import Example, chunks
 from learners.export import export_generation
 from learners.meta import ReptileConfig, reptile
-from daemon.snapshots import read_candidate, run_reduction, write_snapshot
 from learners.merge import merged_copy
 from learners.reduce import ReductionData
 from learners.reduction import count_parameters
@@ -121,7 +121,8 @@ class LineageWorker:
         self.losses = HeldoutLosses(settings.gate_first_items, settings.gate_exact_every)
         self._changed_domains: set[str] = set()  # held-out sets changed since their best was reset
         # A reduction in the background: its snapshot, and the rows learned since (to relearn on its result).
-        self.pending: Snapshot | None = Snapshot(**state["reduction_pending"]) if state.get("reduction_pending") else None
+        pending = state.get("reduction_pending")
+        self.pending: Snapshot | None = Snapshot(**pending) if pending else None
         self.since_snapshot: list[Example] = []
         if self.pending is not None and live is not None and (live / "since-snapshot.json").is_file():
             self.since_snapshot = [Example.from_json(x) for x in read_json(live / "since-snapshot.json")]
@@ -277,7 +278,8 @@ class LineageWorker:
                 if self.learner.config.replay_count():
                     self.replay.extend([ex for ex in rows if ex.reward > 0])
                 self.recent.extend(rows)
-                if self.pending is not None:  # relearned on the reduction's result, the newest first kept
+                if self.pending is not None:  # to relearn on the reduction's result (at most the newest
+                    # replay_capacity rows: the rest are in the replay store)
                     self.since_snapshot = (self.since_snapshot + rows)[-self.s.replay_capacity:]
                 outcomes += [(ex.id, "learned") for ex in rows]
                 rep.learned, rep.redeemed = len(rows), len(retried)
@@ -588,7 +590,8 @@ class LineageWorker:
                  self.generation, trigger, self.step)
         gen_dir, live = self.dir.path / self.generation, self.dir.live_target()
         teacher = load_causal_lm(gen_dir)
-        if live is not None and (live / "adapter_config.json").is_file() and self.dir.live_state()["base"] == self.generation:
+        adapted = live is not None and (live / "adapter_config.json").is_file()
+        if adapted and self.dir.live_state()["base"] == self.generation:
             teacher = merged_copy(teacher, live)  # the accepted adapter: what the last checkpoint holds
         snap = write_snapshot(self.s, self.lineage, teacher, self.tokenizer, data, parent=self.generation,
                               trigger=trigger, step=self.step, n_params=self.n_params)
