@@ -58,12 +58,15 @@ def main(argv=None) -> int:
                 raise TimeoutError("nothing learned in 30 minutes")
             time.sleep(2.0)
         start = trace[-1]
-        while time.monotonic() - start["t"] < alone_s:
+        # at least --alone-s seconds, and at least one more window
+        while time.monotonic() - start["t"] < alone_s or trace[-1]["step"] == start["step"]:
             sample()
             time.sleep(2.0)
         alone_end = trace[-1]
         daemon.redis.xadd("cascade:control", {"command": "reduce", "lineage": "main"})
-        while not ((s := sample()) and s["base"] != start["base"]):  # until the learner adopted the result
+        # until the learner adopted the result (a new base) or dropped it (the snapshot no longer pending)
+        while not ((s := sample()) and (s["base"] != start["base"] or (not trace[-1]["pending"] and any(
+                x["pending"] for x in trace)))):
             if daemon.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited: see {home}")
             time.sleep(2.0)
@@ -73,6 +76,8 @@ def main(argv=None) -> int:
     during = [x for x in trace if x["pending"] and x["base"] == start["base"]]
     gen = (home / "registry/main/CURRENT").read_text().strip()
     card = json.loads((home / "registry/main" / gen / "card.json").read_text())
+    if gen == start["base"]:
+        raise RuntimeError(f"the reduction was not promoted (its gate refused every keep): see {home}")
 
     def rate(a: dict, b: dict) -> dict:
         return {"seconds": b["t"] - a["t"], "learned": b["learned"] - a["learned"],
