@@ -32,18 +32,23 @@ from bench.common import RESULTS, foundation, write_json
 TASKS = ["man", "python", "rust"]
 
 
-def curve(base_model, tok, adapter, train, held, steps: int, cfg, every: int) -> list[float]:
+def curve(base_model, tok, adapter, train, held, steps: int, cfg, every: int, seed: int = 0) -> list[float]:
     """Held-out loss after 0, every, 2*every, ... plain LoRA steps on ``train``."""
+    return adapt(base_model, tok, adapter, train, held, steps, cfg, every, seed)[0]
+
+
+def adapt(base_model, tok, adapter, train, held, steps: int, cfg, every: int, seed: int = 0):
+    """:func:`curve`, and the learner it leaves (to measure what else it still knows)."""
     from learners.update import ContinualLearner
 
     learner = ContinualLearner(base_model, tok, cfg, adapter_dir=adapter)
-    rng = random.Random(0)
+    rng = random.Random(seed)
     out = [learner.evaluate(held)]
     for s in range(1, steps + 1):
         learner.step(rng.sample(train, cfg.batch_size))
         if s % every == 0:
             out.append(learner.evaluate(held))
-    return out
+    return out, learner
 
 
 def steps_to(losses: list[float], target: float, every: int) -> int | None:

@@ -22,6 +22,7 @@ STEPS: list[tuple[str, list[str]]] = [
     ("curation", []),
     ("reduction", []),
     ("background", []),
+    ("plasticity", []),
     ("heal_scaling", []),
     ("heal_scaling", ["--reconstruct", "--pools", "pool", "--steps", "24,96,384,1536,3072",
                       "--out", "heal-scaling-reconstruct.json"]),
