@@ -130,7 +130,7 @@ class LineageWorker:
         if self.pending is not None and self._adopted(self.pending) is not None:
             # Killed during an adoption, after CURRENT named the new generation: finish it.
             log.info("lineage %s: finishing the adoption of %s after a restart", lineage, self.generation)
-            self._start_generation()
+            self._start_generation(loaded=True)  # _load_learner found the live adapter on the parent: a fresh one
         elif self.pending is not None and not Path(self.pending.path).is_dir():
             # Its snapshot is gone (a daemon that starts removes them: no reducer works on them any more).
             log.info("lineage %s: the reduction from snapshot %s was abandoned", lineage, self.pending.id)
@@ -653,11 +653,13 @@ class LineageWorker:
         return ReductionReport(self.lineage, "promoted", self.generation, snap.parent, snap.n_params,
                                card["n_params"], 0.0, card=card)
 
-    def _start_generation(self) -> None:
-        """Go on from the current generation (just adopted): a fresh adapter, the gate's references reset,
-        and the rows learned since the snapshot learned again on it; then checkpoint."""
+    def _start_generation(self, loaded: bool = False) -> None:
+        """Go on from the current generation (just adopted): a fresh adapter (already ``loaded`` on it, or
+        loaded now), the gate's references reset, and the rows learned since the snapshot learned again on
+        it; then checkpoint."""
         rows, self.pending, self.since_snapshot = self.since_snapshot, None, []
-        self._load_learner({}, None)
+        if not loaded:
+            self._load_learner({}, None)
         self.counters["adapter_steps"] = 0  # a fresh adapter: the phase schedule starts again
         self.best, self.last_heldout = {}, {}
         self.losses = HeldoutLosses(self.s.gate_first_items, self.s.gate_exact_every)

@@ -203,12 +203,10 @@ class Daemon:
         name = f"learner:{lineage}"
         if name in self.sup.parts:
             return self.sup.handle(name)
-        import ray
-
         from daemon.actors import LearnerActor
 
         cpus = self.s.learner_cpus
-        threads = max(1, int(cpus)) if cpus else max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
+        threads = max(1, int(cpus)) if cpus else self._cores()
         gpus = self.s.learner_gpus if self._wants_gpu() else 0
         make = lambda: LearnerActor.options(num_cpus=cpus, num_gpus=gpus, name=f"cascade-learner-{lineage}",  # noqa: E731
                                             max_restarts=-1, max_task_retries=0).remote(self.s, lineage, threads)
@@ -216,6 +214,12 @@ class Daemon:
         part = self.sup.add(name, "learner", make)
         self._refresh_lineage_gauges(lineage)
         return part.handle
+
+    def _cores(self) -> int:
+        """The cores of the Ray cluster (this machine's, on the local default)."""
+        import ray
+
+        return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
 
     def _wants_gpu(self) -> bool:
         """A learner declares one GPU when asked for (``cuda``) or, on ``auto``, when the cluster has one."""
@@ -455,15 +459,12 @@ class Daemon:
     def reducer(self):
         """The reducer actor, made at the first reduction (a daemon that never reduces never starts one)."""
         if "reducer" not in self.sup.parts:
-            import ray
-
             from daemon.actors import ReducerActor
 
-            cores = max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
             gpus = self.s.learner_gpus if self._wants_gpu() else 0  # a learner's share of a GPU, when they use one
             self.sup.add("reducer", "reducer", lambda: ReducerActor.options(
                 num_cpus=0, num_gpus=gpus, name="cascade-reducer", max_restarts=-1, max_task_retries=0,
-            ).remote(self.s, max(1, cores // 2)))
+            ).remote(self.s, max(1, self._cores() // 2)))
         return self.sup.handle("reducer")
 
     def _handle(self, ref) -> None:
