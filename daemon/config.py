@@ -160,12 +160,11 @@ class Settings(BaseSettings):
     phases: str = Field("", description="phases of each adapter's life, e.g. 'warmup: steps=40, modules=q_proj+v_proj, "
                         "lr_scale=0.5, replay_ratio=0.6; full' (see policies/schedule.py); empty = one phase",
                         json_schema_extra=EXPERIMENTAL)
-    self_tuning: bool = Field(False, description="on: learning rate, replay ratio and distillation weight follow "
-                              "forgetting, rollbacks and the training loss, inside the tune_* bounds",
+    self_tuning: bool = Field(False, description="on: learning rate (never above the set one), replay ratio and "
+                              "distillation weight follow forgetting, rollbacks and the held-out loss of the arriving "
+                              "sources, inside the tune_* bounds (see policies/tuning.py)",
                               json_schema_extra=EXPERIMENTAL)
     tune_lr_min: float = Field(5e-5, gt=0, le=1.0, description="self-tuning: lowest learning rate",
-                               json_schema_extra=EXPERIMENTAL)
-    tune_lr_max: float = Field(4e-3, gt=0, le=1.0, description="self-tuning: highest learning rate",
                                json_schema_extra=EXPERIMENTAL)
     tune_replay_min: float = Field(0.2, ge=0, lt=1, description="self-tuning: lowest replay ratio",
                                    json_schema_extra=EXPERIMENTAL)
@@ -377,8 +376,10 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _tuning_bounds(self):
         if self.self_tuning:
-            for knob, lo, hi, value in (("lr", self.tune_lr_min, self.tune_lr_max, self.learning_rate),
-                                        ("replay", self.tune_replay_min, self.tune_replay_max, self.replay_ratio),
+            if self.tune_lr_min > self.learning_rate:
+                raise ValueError(f"CASCADE_TUNE_LR_MIN: {self.tune_lr_min:g} must not exceed the set learning rate "
+                                 f"{self.learning_rate:g}")
+            for knob, lo, hi, value in (("replay", self.tune_replay_min, self.tune_replay_max, self.replay_ratio),
                                         ("distill", self.tune_distill_min, self.tune_distill_max, self.distill_weight)):
                 if not lo <= value <= hi:
                     raise ValueError(f"CASCADE_TUNE_{knob.upper()}_MIN/MAX: [{lo:g}, {hi:g}] must hold the set "
@@ -446,7 +447,7 @@ class Settings(BaseSettings):
         from policies.tuning import Bounds, Knobs, SelfTuner
 
         return SelfTuner(Knobs(self.learning_rate, self.replay_ratio, self.distill_weight),
-                         Bounds((self.tune_lr_min, self.tune_lr_max), (self.tune_replay_min, self.tune_replay_max),
+                         Bounds((self.tune_lr_min, self.learning_rate), (self.tune_replay_min, self.tune_replay_max),
                                 (self.tune_distill_min, self.tune_distill_max)), self.tune_forgetting_target)
 
     def meta_init_policy(self):

@@ -300,8 +300,9 @@ class LineageWorker:
                 rep.deferred = sum(1 for ex in train if ex.id in waiting)
             self.counters["update_steps"] += rep.steps
             if self.tuner is not None:
+                arriving = {ex.domain: self.last_heldout.get(ex.domain, math.nan) for ex in rows}
                 rep.tuning = self.tuner.observe(Signal(forgetting(self.last_heldout, self.best),
-                                                       rep.rollback is not None, rep.train_loss))
+                                                       rep.rollback is not None, arriving))
                 for c in rep.tuning:
                     log.info("lineage %s: self-tuning %s %.4g -> %.4g: %s", self.lineage, c.knob, c.old, c.new, c.reason)
         self.counters["deferred"] += rep.deferred

@@ -2,25 +2,34 @@
 operator-set bounds from what the daemon measures, one update window at a time.
 
 What it reads after each window (:class:`Signal`): the lineage's forgetting (mean held-out loss
-above the best reached, over sources), whether the gate rolled the window back, and the training
-loss on the window's rows. What it decides, first rule that fires:
+above the best reached, over sources), whether the gate rolled the window back, and the held-out
+loss of each source the window learned (the *arriving* sources). What it decides, first rule that
+fires:
 
-1. **protect**: the window was rolled back, or forgetting (an exponential average over windows)
+1. **restore**: a source arrives that no window of the last ``patience`` learned (the traffic
+   shifted): the learning rate goes back to the operator's, so that the new source is learned at the
+   rate it was set for, whatever an earlier source's annealing left;
+2. **protect**: the window was rolled back, or forgetting (an exponential average over windows)
    is above ``forgetting_target``: learning rate x ``down``, replay ratio + ``replay_step``,
    distillation weight x ``up``;
-2. **push**: forgetting below a quarter of the target, no rollback for ``patience`` windows, and
-   the training loss no longer falling (less than 1% better over the last ``patience`` windows):
-   learning rate x ``up``, replay ratio - ``replay_step`` / 2, distillation weight x ``down``.
+3. **anneal**: no arriving source's held-out loss has improved on its best by ``min_gain`` nats for
+   ``patience`` windows: the sources arriving are learned as far as this rate takes them, and more
+   steps at it would spend what the lineage keeps for nothing: learning rate x ``down`` (a plateau
+   schedule, judged on held-out loss of the newest traffic rather than on the training loss, which
+   keeps falling as the adapter memorizes).
 
-After a change it waits ``cooldown`` windows, so the effect of one change is measured before the
-next. Values are clamped to their bounds; a knob already at its bound is not "changed". Every
-change comes back as a :class:`Change` with its reason, for the log and the metrics.
+It never raises the learning rate above the operator's. (An earlier rule did, when the training
+loss went flat with forgetting low; it measured worse than no tuning on every count of the
+continual benchmark, docs/bench-continual.md.) After a change it waits ``cooldown`` windows, so the
+effect of one change is measured before the next; a rollback and a shift act at once. Values are
+clamped to their bounds; a knob already at its bound is not "changed". Every change comes back as a
+:class:`Change` with its reason, for the log and the metrics.
 """
 from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -44,9 +53,9 @@ class Bounds:
 
 @dataclass(frozen=True)
 class Signal:
-    forgetting: float
+    forgetting: float  # mean held-out loss above the best reached, over sources (nats)
     rolled_back: bool
-    train_loss: float
+    arriving: dict[str, float] = field(default_factory=dict)  # source learned -> its held-out loss (NaN: none)
 
 
 @dataclass(frozen=True)
@@ -63,46 +72,65 @@ class Change:
 
 class SelfTuner:
     def __init__(self, knobs: Knobs, bounds: Bounds, forgetting_target: float = 0.05, *, down: float = 0.7,
-                 up: float = 1.25, replay_step: float = 0.1, patience: int = 6, cooldown: int = 4,
-                 smoothing: float = 0.3) -> None:
-        self.knobs = bounds.clamp(knobs)
+                 up: float = 1.25, replay_step: float = 0.1, min_gain: float = 0.01, patience: int = 4,
+                 cooldown: int = 2, smoothing: float = 0.3) -> None:
+        self.operator = bounds.clamp(knobs)  # the values set: the learning rate a shift restores
+        self.knobs = self.operator
         self.bounds = bounds
         self.target = forgetting_target
-        self.down, self.up, self.replay_step = down, up, replay_step
+        self.down, self.up, self.replay_step, self.min_gain = down, up, replay_step, min_gain
         self.patience, self.cooldown, self.smoothing = patience, cooldown, smoothing
         self.forgetting = 0.0  # exponential average
-        self.losses: collections.deque[float] = collections.deque(maxlen=patience)
+        self.recent: collections.deque[frozenset[str]] = collections.deque(maxlen=patience)  # sources per window
+        self.best: dict[str, float] = {}  # each arriving source's best held-out loss since it arrived
+        self.stale = 0  # windows since an arriving source last improved by min_gain
         self.since_change = cooldown  # the first window may act
-        self.since_rollback = patience
 
     def observe(self, s: Signal) -> list[Change]:
         """Take one window's signal; return the changes made to :attr:`knobs` (maybe none)."""
         if math.isfinite(s.forgetting):
             self.forgetting += self.smoothing * (s.forgetting - self.forgetting)
-        if math.isfinite(s.train_loss) and not s.rolled_back:
-            self.losses.append(s.train_loss)
-        self.since_rollback = 0 if s.rolled_back else self.since_rollback + 1
+        new = [d for d in s.arriving if self.recent and not any(d in w for w in self.recent)]
+        self.recent.append(frozenset(s.arriving))
+        improved = False
+        for d, loss in s.arriving.items():
+            if d in new:
+                self.best.pop(d, None)
+            if math.isfinite(loss) and loss < self.best.get(d, math.inf) - self.min_gain:
+                improved = True
+            if math.isfinite(loss):
+                self.best[d] = min(loss, self.best.get(d, math.inf))
+        if improved or new:
+            self.stale = 0
+        elif any(math.isfinite(v) for v in s.arriving.values()):  # no held-out level: no evidence of a plateau
+            self.stale += 1
         self.since_change += 1
-        if self.since_change <= self.cooldown and not s.rolled_back:
-            return []
         k = self.knobs
-        if s.rolled_back or self.forgetting > self.target:
-            why = ("the gate rolled the window back" if s.rolled_back else
-                   f"forgetting {self.forgetting:.3f} above the target {self.target:.3f}")
-            new = Knobs(k.learning_rate * self.down, k.replay_ratio + self.replay_step, k.distill_weight * self.up)
-        elif (self.forgetting < self.target / 4 and self.since_rollback >= self.patience
-              and len(self.losses) == self.patience and self.losses[-1] > 0.99 * self.losses[0]):
-            why = (f"forgetting {self.forgetting:.3f} well under the target {self.target:.3f} and the training loss "
-                   f"flat over {self.patience} windows ({self.losses[0]:.3f} -> {self.losses[-1]:.3f})")
-            new = Knobs(k.learning_rate * self.up, k.replay_ratio - self.replay_step / 2, k.distill_weight * self.down)
-        else:
+        if s.rolled_back:
+            return self._set(Knobs(k.learning_rate * self.down, k.replay_ratio + self.replay_step,
+                                   k.distill_weight * self.up), "the gate rolled the window back")
+        if new:
+            return self._set(Knobs(max(k.learning_rate, self.operator.learning_rate), k.replay_ratio, k.distill_weight),
+                             f"a new source arrived ({', '.join(sorted(new))})")
+        if self.since_change <= self.cooldown:
             return []
-        new = self.bounds.clamp(new)
+        if self.forgetting > self.target:
+            return self._set(Knobs(k.learning_rate * self.down, k.replay_ratio + self.replay_step,
+                                   k.distill_weight * self.up),
+                             f"forgetting {self.forgetting:.3f} above the target {self.target:.3f}")
+        if self.stale >= self.patience:
+            return self._set(Knobs(k.learning_rate * self.down, k.replay_ratio, k.distill_weight),
+                             f"no arriving source's held-out loss improved by {self.min_gain:g} in "
+                             f"{self.stale} windows")
+        return []
+
+    def _set(self, new: Knobs, why: str) -> list[Change]:
+        k, new = self.knobs, self.bounds.clamp(new)
         changes = [Change(name, getattr(k, name), getattr(new, name), why) for name in
                    ("learning_rate", "replay_ratio", "distill_weight")
                    if not math.isclose(getattr(k, name), getattr(new, name), rel_tol=1e-9)]
         if changes:
             self.knobs = new
             self.since_change = 0
-            self.losses.clear()
+            self.stale = 0
         return changes
