@@ -14,8 +14,8 @@ involved, so the study takes a minute. For each threshold it reports:
   lineage's traffic), the share skipped as near-duplicates. Real corpora hold some real repeats
   (boilerplate changelog entries, license headers); the examples printed show what was skipped.
 
-Usage: ``python -m bench.curation_threshold [--seeds 0,1] [--thresholds 0.5,0.6,0.7,0.8]``; writes
-bench/results/curation-threshold.json.
+Usage: ``python -m bench.curation_threshold [--quick] [--seeds 0,1] [--thresholds 0.6,0.65,0.7,0.75,0.8]``;
+writes bench/results/curation-threshold[-quick].json.
 """
 from __future__ import annotations
 
@@ -75,10 +75,13 @@ def real_stream(seed: int, per_source: int) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--thresholds", default="0.5,0.6,0.7,0.8")
+    ap.add_argument("--thresholds", default="0.6,0.65,0.7,0.75,0.8")
     ap.add_argument("--window", type=int, default=16, help="items judged together (a lineage's window)")
     ap.add_argument("--per-source", type=int, default=160)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: one seed, 32 interactions a source")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seeds, args.per_source = "0", 32
     thresholds = [float(t) for t in args.thresholds.split(",")]
     doc = {"window": args.window, "per_source": args.per_source, "thresholds": thresholds, "seeds": {},
            **commit()}
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
             print(f"seed {seed} threshold {t}: " + "; ".join(
                 f"{n}: learned {r['group_learned']} of {r['group_items']} items of {r['templates']} templates, "
                 f"others skipped {r['clean_skipped_near']}/{r['clean']}" for n, r in row.items()), flush=True)
-    write_json("curation-threshold.json", doc)
+    write_json(f"curation-threshold{'-quick' if args.quick else ''}.json", doc)
     print(markdown_table(doc))
     return 0
 

@@ -19,6 +19,7 @@ STEPS: list[tuple[str, list[str]]] = [
                    "--configs", "naive,default,joint"]),
     ("continual", ["--suite", "unlike", "--per-stage", "160", "--heldout-fraction", "0.1", "--order", "reverse",
                    "--configs", "naive,default"]),
+    ("curation_threshold", []),
     ("curation", []),
     ("reduction", []),
     ("background", []),
