@@ -7,8 +7,8 @@ on a GPU when one is present. The numbers it prints are what the defaults were c
 published figures come from ``bench/continual.py`` through the real daemon.
 
 Usage: ``python -m bench.continual_sweep --lr 2e-3 --per-stage 160 --configs "naive default ..."``
-(``--suite unlike`` and ``--heldout-fraction`` as in ``bench/continual.py``, whose data and held-out sets
-it uses for the same suite, seed and budget).
+(``--suite unlike``, ``--order reverse``, ``--seed 1`` and ``--heldout-fraction`` as in ``bench/continual.py``,
+whose data and held-out sets it uses for the same suite, order, seed and budget).
 Each config is ``name`` (a preset below) or ``name:key=value;key=value`` on top of ``default``.
 """
 from __future__ import annotations
@@ -81,13 +81,14 @@ def run(name: str, overrides: dict, train: dict, held: dict, common: dict, base_
     return out
 
 
-def load_or_build(path: str | None, per_stage: int, heldout: int, domains: list[str]) -> tuple[dict, dict]:
+def load_or_build(path: str | None, per_stage: int, heldout: int, domains: list[str],
+                  seed: int = 0) -> tuple[dict, dict]:
     from learners.data import Example
 
     if path and Path(path).exists():
         doc = json.loads(Path(path).read_text())
         return doc["train"], {d: [Example.from_json(x) for x in v] for d, v in doc["held"].items()}
-    train, held = load_data(per_stage, heldout, domains=domains)
+    train, held = load_data(per_stage, heldout, seed, domains)
     if path:
         Path(path).write_text(json.dumps({"train": train, "held": {d: [e.to_json() for e in v]
                                                                       for d, v in held.items()}}))
@@ -104,21 +105,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="continual-sweep.json")
     ap.add_argument("--suite", choices=sorted(SUITES), default="related")
     ap.add_argument("--heldout-fraction", type=float, default=0.05)
+    ap.add_argument("--order", choices=("forward", "reverse"), default="forward", help="the order of the stages")
+    ap.add_argument("--seed", type=int, default=0, help="data split, sampling and the learner's seed")
     ap.add_argument("--data", help="JSON of the stages' data: read if it exists, else written (for another machine "
                     "whose corpora differ)")
     args = ap.parse_args(argv)
     base_model = foundation()
-    domains = SUITES[args.suite]
-    train, held = load_or_build(args.data, args.per_stage, args.heldout, domains)
+    domains = SUITES[args.suite][:: 1 if args.order == "forward" else -1]
+    train, held = load_or_build(args.data, args.per_stage, args.heldout, domains, args.seed)
     common = {"max_seq_len": args.seq, "learning_rate": args.lr, "reduce_every": 0, "window_steps": 4,
-              "heldout_fraction": args.heldout_fraction, "curation": "none"}  # as bench/continual.py
+              "heldout_fraction": args.heldout_fraction, "seed": args.seed, "curation": "none"}  # as bench/continual
     path = RESULTS / args.out
     doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
     for spec in args.configs.split():
         name, overrides = parse_config(spec)
         res = run(name, overrides, train, held, common, base_model)
         res["summary"] = summarize(res, [float("nan")] * len(domains))
-        res.update(name=name, lr=args.lr, per_stage=args.per_stage, suite=args.suite,
+        res.update(name=name, lr=args.lr, per_stage=args.per_stage, suite=args.suite, order=args.order, seed=args.seed,
                    heldout_fraction=args.heldout_fraction, **commit())
         doc["runs"].append(res)
         s = res["summary"]
