@@ -8,8 +8,8 @@ every ``--eval-every`` steps (``bench.adaptation``'s ``adapt``):
 * ``gen-N``: the foundation the lineage started from;
 * ``gen-N+1 unpruned``: the specialization merged, nothing pruned (keep 1.0);
 * ``gen-N+1 reduced``: the same reduced by the daemon's reducer (``learners.reduce.reduce`` through
-  ``bench.reduction.reduce_once``) at ``--keep`` (0.6), healed with the daemon's default steps on the
-  lineage's items;
+  ``bench.reduction.reduce_once``) at ``--keep`` (the daemon's ``CASCADE_REDUCE_KEEP``, 0.7), healed with
+  the daemon's default steps on the lineage's items;
 * ``gen-N+1 reduced+regrow``: that reduced model with ``--regrow`` (0.25) of its pruned MLP width given
   back as fresh units that write nothing yet (``learners.reduction.regrow``, what the reducer does with
   ``CASCADE_REDUCE_REGROW``): the remedy, on and off side by side.
@@ -19,7 +19,7 @@ on the new domain, the steps to reach the target (the unpruned model's best loss
 its gain), and what it keeps of the niche (Python held-out loss before and after the new steps). Side by
 side in one run.
 
-Usage: ``python -m bench.plasticity [--quick] [--new perl] [--seeds 0,1] [--keep 0.6]``; writes
+Usage: ``python -m bench.plasticity [--quick] [--new perl] [--seeds 0,1] [--keep 0.7]``; writes
 bench/results/plasticity[-quick].json and .png.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run: little data, few steps")
     ap.add_argument("--new", default="perl", help="the domain none of the models saw (daemon.corpus.SOURCES)")
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--keep", type=float, default=0.6)
+    ap.add_argument("--keep", type=float, help="share of the body kept (default: the daemon's CASCADE_REDUCE_KEEP)")
     ap.add_argument("--regrow", type=float, default=0.25, help="share of the pruned MLP width regrown (the remedy)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the new domain's steps")
     ap.add_argument("--eval-every", type=int, default=2)
@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     from learners.update import UpdateConfig
 
     torch.set_num_threads(2)
+    if args.keep is None:
+        args.keep = Settings.model_fields["reduce_keep"].default
     q, every = args.quick, args.eval_every
     seq = 64 if q else 128
     n_train, n_calib, n_held = (16, 8, 8) if q else (128, 48, 24)
@@ -129,15 +131,16 @@ def niche_losses(models: dict, tok, held, seq: int) -> dict[str, float]:
 
 
 def markdown_table(doc: dict) -> str:
-    lines = [f"| model (seed) | new-domain loss at 0 | best (steps) | at {doc['steps']} steps | steps to the "
-             "unpruned model's best | to 90% of its gain | niche loss before | after |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model (seed) | new-domain loss at 0 | best (steps) | at {doc['steps']} steps | gain in {doc['steps']} "
+             "steps | steps to the unpruned model's best | to 90% of its gain | niche loss before | after |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for seed, runs in doc["runs"].items():
         for name, r in runs.items():
             c = r["curve"]
             best = min(range(len(c)), key=c.__getitem__)
             never = lambda v: "never" if v is None else str(v)  # noqa: E731
             lines.append(f"| {name} ({seed}) | {c[0]:.3f} | {c[best]:.3f} ({best * doc['eval_every']}) | {c[-1]:.3f} | "
+                         f"{c[0] - c[-1]:.3f} | "
                          f"{never(r['steps_to_best'])} | {never(r['steps_to_90'])} | "
                          f"{doc.get('niche_before', {}).get(name, float('nan')):.3f} | {r['niche_after']:.3f} |")
     return "\n".join(lines + ["", run_line(doc)])
