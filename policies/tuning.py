@@ -6,13 +6,14 @@ above the best reached, over sources), whether the gate rolled the window back, 
 loss of each source the window learned (the *arriving* sources). What it decides, first rule that
 fires:
 
-1. **restore**: a source arrives that no window of the last ``patience`` learned (the traffic
+1. **protect** at once: the window was rolled back: learning rate x ``down``, replay ratio +
+   ``replay_step``, distillation weight x ``up``;
+2. **restore**: a source arrives that no window of the last ``patience`` learned (the traffic
    shifted): the learning rate goes back to the operator's, so that the new source is learned at the
    rate it was set for, whatever an earlier source's annealing left;
-2. **protect**: the window was rolled back, or forgetting (an exponential average over windows)
-   is above ``forgetting_target``: learning rate x ``down``, replay ratio + ``replay_step``,
-   distillation weight x ``up``;
-3. **anneal**: no arriving source's held-out loss has improved on its best by ``min_gain`` nats for
+3. **protect** (after the cooldown): forgetting (an exponential average over windows) is above
+   ``forgetting_target``: the same changes as 1;
+4. **anneal** (after the cooldown): no arriving source's held-out loss has improved on its best by ``min_gain`` nats for
    ``patience`` windows: the sources arriving are learned as far as this rate takes them, and more
    steps at it would spend what the lineage keeps for nothing: learning rate x ``down`` (a plateau
    schedule, judged on held-out loss of the newest traffic rather than on the training loss, which
@@ -96,28 +97,26 @@ class SelfTuner:
         for d, loss in s.arriving.items():
             if d in new:
                 self.best.pop(d, None)
-            if math.isfinite(loss) and loss < self.best.get(d, math.inf) - self.min_gain:
-                improved = True
-            if math.isfinite(loss):
-                self.best[d] = min(loss, self.best.get(d, math.inf))
+            if not math.isfinite(loss):
+                continue
+            improved = improved or loss < self.best.get(d, math.inf) - self.min_gain
+            self.best[d] = min(loss, self.best.get(d, math.inf))
         if improved or new:
             self.stale = 0
         elif any(math.isfinite(v) for v in s.arriving.values()):  # no held-out level: no evidence of a plateau
             self.stale += 1
         self.since_change += 1
         k = self.knobs
+        protect = Knobs(k.learning_rate * self.down, k.replay_ratio + self.replay_step, k.distill_weight * self.up)
         if s.rolled_back:
-            return self._set(Knobs(k.learning_rate * self.down, k.replay_ratio + self.replay_step,
-                                   k.distill_weight * self.up), "the gate rolled the window back")
-        if new:
-            return self._set(Knobs(max(k.learning_rate, self.operator.learning_rate), k.replay_ratio, k.distill_weight),
+            return self._set(protect, "the gate rolled the window back")
+        if new:  # the rate only ever falls from the operator's, so restoring it is setting it
+            return self._set(Knobs(self.operator.learning_rate, k.replay_ratio, k.distill_weight),
                              f"a new source arrived ({', '.join(sorted(new))})")
         if self.since_change <= self.cooldown:
             return []
         if self.forgetting > self.target:
-            return self._set(Knobs(k.learning_rate * self.down, k.replay_ratio + self.replay_step,
-                                   k.distill_weight * self.up),
-                             f"forgetting {self.forgetting:.3f} above the target {self.target:.3f}")
+            return self._set(protect, f"forgetting {self.forgetting:.3f} above the target {self.target:.3f}")
         if self.stale >= self.patience:
             return self._set(Knobs(k.learning_rate * self.down, k.replay_ratio, k.distill_weight),
                              f"no arriving source's held-out loss improved by {self.min_gain:g} in "
