@@ -196,7 +196,7 @@ def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work
             print(f"keep {keep}: allocations " + ", ".join(f"{k}={v:.3f}" for k, v in t.candidates.items())
                   + f" -> {plan.label}", flush=True)
         row = {**stages(t), "n_params": red.record.n_params_after, "refit_kept": t.refit_kept,
-               "reconstruction_kept": t.reconstruction_kept,
+               "reconstruction_kept": t.reconstruction_kept, "mlp_epochs": mlp_epochs(len(items)),
                "reconstruct_seconds": t.seconds["prune"] + t.seconds["reconstruct"], "heal_seconds": t.seconds["heal"]}
         if method == "activation-target":
             row["bytes"] = file_bytes(red.model, tok, work / f"keep{keep}")
@@ -213,6 +213,8 @@ def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: i
     """The target-domain method at ``keep`` with the first ``n`` of the lineage's items for importance,
     allocation, reconstruction and healing, for each ``n`` in ``sizes`` (the first ``n`` = the 176 of the
     keep table; the rest are further Python items from other documents than the held-out ones)."""
+    from learners.reduction import mlp_epochs
+
     own = data["train"] + data["calib"]
     seen = {(e.prompt, e.response) for e in own}
     more = load_data(max(sizes) - len(data["calib"]), len(data["calib"]), len(data["held"]))
@@ -224,7 +226,7 @@ def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: i
         red = reduce_once(spec, tok, data, seq, keep, heal_steps, items, heal_items=items)
         (t,) = red.record.tries
         row = {"items": len(items), "plan": t.plan, **stages(t), **commit(), "refit_kept": t.refit_kept,
-               "reconstruction_kept": t.reconstruction_kept,
+               "reconstruction_kept": t.reconstruction_kept, "mlp_epochs": mlp_epochs(len(items)),
                "reconstruct_seconds": t.seconds["prune"] + t.seconds["reconstruct"], "heal_seconds": t.seconds["heal"]}
         print(f"  calibration {len(items)} items ({t.plan}): ppl target / other "
               + " -> ".join(f"{row[k]['target']:.2f} / {row[k]['other']:.2f}"

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from learners.data import Example, collate
 from learners.reduce import ReductionData, Switches, reduce
 from learners.reduction import (MergeError, activation_importance, count_parameters, heal, kept_blocks,
-                                magnitude_importance, merge_adapter, prune, random_importance, reconstruct)
+                                magnitude_importance, merge_adapter, mlp_epochs, prune, random_importance,
+                                reconstruct)
 from learners.update import ContinualLearner, UpdateConfig, evaluate_loss, load_causal_lm
 from policies.reduction import WIDTH_MULTIPLE, ModelShape, ReductionPolicy, plan_candidates, plan_reduction
 
@@ -161,13 +162,19 @@ def test_least_squares_refit_and_reconstruction_make_up_for_what_was_pruned(tiny
     least_squares_only = deepcopy(trained)
     before = _kl(teacher, trained, tok)
     reconstruct(trained, teacher, kept_blocks(imp, 2), DATA, tok, 32, batch_size=5)
-    reconstruct(least_squares_only, teacher, kept_blocks(imp, 2), DATA, tok, 32, batch_size=5, mlp_epochs=0)
+    reconstruct(least_squares_only, teacher, kept_blocks(imp, 2), DATA, tok, 32, batch_size=5, mlp_item_passes=0)
     assert _kl(teacher, trained, tok) < 0.6 * _kl(teacher, least_squares_only, tok) < 0.6 * before
     # A block dropped as well: the blocks after it are fitted to make up for it.
     shallow = prune(teacher, imp, 48, layers=1)
     before = _kl(teacher, shallow, tok)
     reconstruct(shallow, teacher, kept_blocks(imp, 1), DATA, tok, 32)
     assert _kl(teacher, shallow, tok) < before
+
+
+def test_mlp_training_shares_one_budget_of_items_across_epochs():
+    assert mlp_epochs(176) == mlp_epochs(256) == 8  # the measured small-data setting, capped
+    assert mlp_epochs(600) == 3 and mlp_epochs(1900) == 1 and mlp_epochs(10_000) == 1  # never less than one
+    assert mlp_epochs(1900, item_passes=0) == 0 and mlp_epochs(0) == 0
 
 
 def test_reconstructing_an_unpruned_copy_changes_nothing(tiny_model, tok):
