@@ -323,9 +323,10 @@ def reconstruct(student, teacher, blocks: Sequence[int], examples: Sequence[Exam
     ``mlp_item_passes``, each pruned MLP is then trained on its block's cached inputs towards the teacher's
     block output (:func:`_train_mlp`), which least squares on ``down_proj`` alone cannot do for the
     gate and up projections; its epochs share a budget of ``mlp_item_passes`` items (:func:`mlp_epochs`),
-    so that more calibration items buy a better fit rather than a longer reduction. Measured on SmolLM2 at keep 0.6 (Python, 176 items, unpruned 13.05):
-    held-out perplexity 18.8 after ``prune``'s refit, 17.5 after the least squares here, 17.1 with the
-    MLP training (about four and a half minutes on 2 cores in all).
+    so that more calibration items buy a better fit rather than a longer reduction. Measured on SmolLM2
+    at keep 0.6 (Python, 176 items, unpruned 13.05): held-out perplexity 18.8 after ``prune``'s refit,
+    17.5 after the least squares here, 17.1 with the MLP training (about four and a half minutes on 2
+    cores in all).
     """
     device = model_device(student)
     epochs = mlp_epochs(len(examples), mlp_item_passes)
@@ -349,53 +350,71 @@ def reconstruct(student, teacher, blocks: Sequence[int], examples: Sequence[Exam
     finally:
         handle.remove()
 
-    def run(block, which: int, fit: torch.nn.Module | None = None, record: torch.nn.Module | None = None):
-        """Every batch through ``block`` on residual ``which``; with ``fit``, also the inputs of ``fit``
-        and the output of ``record`` (the sublayer it ends) per batch."""
+    kept = {old: new for new, old in enumerate(blocks)}
+    masks = [st[3] for st in states]
+    for i, t_block in enumerate(teacher.model.layers):
+        t_mid, t_out = [], []  # the teacher's residual after attention and after the block, per batch
         seen: dict[str, torch.Tensor] = {}
-        hooks = [fit.register_forward_pre_hook(lambda _m, a: seen.__setitem__("x", a[0])),
-                 record.register_forward_hook(lambda _m, _a, o: seen.__setitem__("y", _out(o)))] if fit else []
+        handle = t_block.mlp.register_forward_hook(lambda _m, _a, o: seen.__setitem__("y", _out(o)))
         try:
             for st in states:
-                out = _out(block(st[which], **st[2]))
-                yield out, seen.get("x"), seen.get("y"), st
+                t_out.append(_out(t_block(st[0], **st[2])))
+                t_mid.append(t_out[-1] - seen["y"])
         finally:
-            for h in hooks:
-                h.remove()
-
-    kept = {old: new for new, old in enumerate(blocks)}
-    for i, t_block in enumerate(teacher.model.layers):
-        t_mid, t_out = [], []
-        for out, _, mlp_out, _st in run(t_block, 0, t_block.mlp, t_block.mlp):
-            t_out.append(out)
-            t_mid.append(out - mlp_out)  # the teacher's residual after attention
+            handle.remove()
         if i in kept:
+            # Each sublayer runs once on the student's residual: the attention up to its output
+            # projection, whose input is kept, so that the refitted projection gives the residual after
+            # attention without running the attention again; then the MLP up to ``down_proj``.
             s_block = student.model.layers[kept[i]]
-            mids = []  # the student's residual after attention, per batch (for _train_mlp)
-            for lin, sub in ((s_block.self_attn.o_proj, s_block.self_attn), (s_block.mlp.down_proj, s_block.mlp)):
-                gram = torch.zeros(lin.in_features, lin.in_features, device=device)
-                cross = torch.zeros(lin.in_features, lin.out_features, device=device)
-                attention = sub is s_block.self_attn
-                for k, (out, x, y, st) in enumerate(run(s_block, 1, lin, sub)):
-                    # What this sublayer should add to the student's residual to reach the teacher's.
-                    if not attention:
-                        mids.append(out - y)
-                    want = t_mid[k] - st[1] if attention else t_out[k] - mids[-1]
-                    if lin.bias is not None:
-                        want = want - lin.bias
-                    m = st[3]
-                    x, want = x[m].float(), want[m].float()
-                    gram.addmm_(x.T, x)
-                    cross.addmm_(x.T, want)
-                lin.weight.copy_(_ridge(gram, cross, ridge).to(lin.weight.dtype))
+            attn, mlp, norm = s_block.self_attn, s_block.mlp, s_block.post_attention_layernorm
+            xs = [_input_of(s_block, attn.o_proj, st[1], **st[2]) for st in states]
+            _fit(attn.o_proj, xs, [t - st[1] for t, st in zip(t_mid, states)], masks, ridge)
+            mids = [st[1] + attn.o_proj(x) for st, x in zip(states, xs)]  # the student's residual after attention
+            del xs
+            normed = [norm(mid) for mid in mids]
+            _fit(mlp.down_proj, [_input_of(mlp, mlp.down_proj, n) for n in normed],
+                 [t - mid for t, mid in zip(t_out, mids)], masks, ridge)
             if epochs > 0:
-                norm, masks = s_block.post_attention_layernorm, [st[3] for st in states]
-                _train_mlp(s_block.mlp, [norm(mid[m]) for mid, m in zip(mids, masks)],
+                _train_mlp(mlp, [n[m] for n, m in zip(normed, masks)],
                            [(t - mid)[m] for t, mid, m in zip(t_out, mids, masks)], epochs, mlp_lr)
-            for st, (out, *_rest) in zip(states, list(run(s_block, 1))):
-                st[1] = out
+            for st, mid, n in zip(states, mids, normed):
+                st[1] = mid + mlp(n)
         for st, out in zip(states, t_out):
             st[0] = out
+
+
+def _input_of(module: torch.nn.Module, lin: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+    """The input ``lin`` receives when ``module`` runs on these arguments; ``module`` stops there."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(_m, a):
+        seen["x"] = a[0]
+        raise _Stop
+
+    handle = lin.register_forward_pre_hook(grab)
+    try:
+        module(*args, **kwargs)
+    except _Stop:
+        return seen["x"]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(module).__name__} never called the layer being fitted")
+
+
+def _fit(lin: torch.nn.Linear, xs: list[torch.Tensor], wants: list[torch.Tensor], masks: list[torch.Tensor],
+         ridge: float) -> None:
+    """Set ``lin.weight`` (in place) to the ridge least-squares map from its inputs ``xs`` to what it
+    should output, ``wants``, over the real (unmasked) tokens of every batch."""
+    gram = torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device)
+    cross = torch.zeros(lin.in_features, lin.out_features, device=lin.weight.device)
+    for x, want, m in zip(xs, wants, masks):
+        if lin.bias is not None:
+            want = want - lin.bias
+        x, want = x[m].float(), want[m].float()
+        gram.addmm_(x.T, x)
+        cross.addmm_(x.T, want)
+    lin.weight.copy_(_ridge(gram, cross, ridge).to(lin.weight.dtype))
 
 
 def mlp_epochs(items: int, item_passes: int = MLP_ITEM_PASSES) -> int:
