@@ -181,6 +181,8 @@ def stages(t) -> dict:
 
 
 def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work: Path) -> dict:
+    from learners.reduction import mlp_epochs
+
     own = data["train"] + data["calib"]  # what the lineage has seen: the daemon's calibration and healing data
     calibration = {"activation-target": own, "activation-other": data["other_calib"]}
     out, plan = {"methods": {}, **commit()}, None
@@ -188,7 +190,8 @@ def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work
         switches = {"importance": method.split("-")[0], "plan": plan}
         if method not in calibration:
             switches["reconstruct"] = "off"
-        red = reduce_once(spec, tok, data, seq, keep, heal_steps, calibration.get(method, own), **switches)
+        items = calibration.get(method, own)
+        red = reduce_once(spec, tok, data, seq, keep, heal_steps, items, **switches)
         (t,) = red.record.tries
         if plan is None:  # the first method, activation-target, chooses the allocation for all four
             plan = red.record.plan
@@ -197,6 +200,7 @@ def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work
                   + f" -> {plan.label}", flush=True)
         row = {**stages(t), "n_params": red.record.n_params_after, "refit_kept": t.refit_kept,
                "reconstruction_kept": t.reconstruction_kept, "mlp_epochs": mlp_epochs(len(items)),
+               "prune_seconds": t.seconds["prune"],  # importance, allocation and refit; reconstruct_seconds includes it
                "reconstruct_seconds": t.seconds["prune"] + t.seconds["reconstruct"], "heal_seconds": t.seconds["heal"]}
         if method == "activation-target":
             row["bytes"] = file_bytes(red.model, tok, work / f"keep{keep}")
@@ -227,6 +231,7 @@ def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: i
         (t,) = red.record.tries
         row = {"items": len(items), "plan": t.plan, **stages(t), **commit(), "refit_kept": t.refit_kept,
                "reconstruction_kept": t.reconstruction_kept, "mlp_epochs": mlp_epochs(len(items)),
+               "prune_seconds": t.seconds["prune"],  # importance, allocation and refit; reconstruct_seconds includes it
                "reconstruct_seconds": t.seconds["prune"] + t.seconds["reconstruct"], "heal_seconds": t.seconds["heal"]}
         print(f"  calibration {len(items)} items ({t.plan}): ppl target / other "
               + " -> ".join(f"{row[k]['target']:.2f} / {row[k]['other']:.2f}"
