@@ -352,11 +352,11 @@ def markdown_tables(doc: dict) -> str:
         note, marks = commit_marks(cal["rows"])
         lines += ["", note, "", f"| keep {cal['keep']}: lineage items used | shape | ppl {doc['target_domain']} pruned -> "
                   "reconstructed -> healed | healed / unpruned | "
-                  f"ppl {doc['other_domain']} healed | reduction minutes |", "|---|---|---|---|---|---|"]
+                  f"ppl {doc['other_domain']} healed | MLP epochs | reduction minutes |", "|---|---|---|---|---|---|---|"]
         for r, mark in zip(cal["rows"], marks):
             lines.append(f"| {r['items']}{mark} | {r['plan']} | {path(r, 'target')} | "
-                         f"{r['healed']['target'] / base['ppl']['target']:.2f}x | {r['healed']['other']:.2f} | "
-                         f"{(r['reconstruct_seconds'] + r['heal_seconds']) / 60:.1f} |")
+                         f"{r['healed']['target'] / base['ppl']['target']:.3f}x | {r['healed']['other']:.2f} | "
+                         f"{r['mlp_epochs']} | {(r['reconstruct_seconds'] + r['heal_seconds']) / 60:.1f} |")
     if doc.get("cascade"):
         note, marks = commit_marks(doc["cascade"])
         lines += ["", note, "", f"| generation | parameters | ppl {doc['target_domain']} | ppl {doc['other_domain']} | "
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cascade-only", action="store_true", help="only the cascade, added to an earlier run's JSON")
     ap.add_argument("--calibration", help="item counts for the calibration study (default 176,600; quick 24,48)")
     ap.add_argument("--calibration-only", action="store_true",
-                    help="only the calibration study, merged into an earlier run's JSON (a row per item count)")
+                    help="only the calibration study, merged into an earlier run's JSON (a row per item count and MLP epochs)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--table", metavar="JSON", help="only print the README tables of an earlier run")
     args = ap.parse_args(argv)
@@ -422,10 +422,10 @@ def main(argv=None) -> int:
         keep = keeps[len(keeps) // 2]
         rows = run_calibration(sizes, keep, spec, tok, data, seq, heal_steps)
         earlier = doc.get("calibration") or {}
-        if earlier.get("keep") == keep:  # a row per item count: new ones replace, the rest stay
-            measured = {r["items"] for r in rows}
-            rows += [r for r in earlier["rows"] if r["items"] not in measured]
-        doc["calibration"] = {"keep": keep, "rows": sorted(rows, key=lambda r: r["items"])}
+        if earlier.get("keep") == keep:  # a row per item count and MLP epochs: new ones replace, the rest stay
+            measured = {(r["items"], r["mlp_epochs"]) for r in rows}
+            rows += [r for r in earlier["rows"] if (r["items"], r["mlp_epochs"]) not in measured]
+        doc["calibration"] = {"keep": keep, "rows": sorted(rows, key=lambda r: (r["items"], -r["mlp_epochs"]))}
         write_json(path.name, doc)
         print(markdown_tables(doc))
         return 0
