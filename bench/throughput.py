@@ -40,6 +40,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import RESULTS, Daemon, commit, foundation, free_port, run_line, write_json
+from daemon.config import Settings
 
 SEQ = 128
 BATCH = 8
@@ -283,7 +284,8 @@ def part_ingest(tiny: Path, work: Path, quick: bool) -> dict:
 
     n = 5_000 if quick else 50_000
     runs = {}
-    for read_count in (256, 2048):
+    default = Settings.model_fields["read_count"].default
+    for read_count in (default, 2048):
         d, port = start_daemon(work / f"ingest-{read_count}", tiny, read_count=read_count, max_buffered=n + 1000)
         try:
             d.redis.xadd("cascade:control", {"command": "pause"})
@@ -303,7 +305,7 @@ def part_ingest(tiny: Path, work: Path, quick: bool) -> dict:
                                      "producer_seconds": published,
                                      "learned_while_paused": scrape(port).get(
                                          "cascade_interactions_learned_total{lineage=main}", 0)}
-            if read_count == 256:
+            if read_count == default:
                 ceiling = redis_benchmark_xadd(EmbeddedRedis(d.home).socket, 20_000 if quick else 200_000)
         finally:
             d.stop()
