@@ -14,8 +14,8 @@ involved, so the study takes a minute. For each threshold it reports:
   lineage's traffic), the share skipped as near-duplicates. Real corpora hold some real repeats
   (boilerplate changelog entries, license headers); the examples printed show what was skipped.
 
-Usage: ``python -m bench.curation_threshold [--quick] [--seeds 0,1] [--thresholds 0.6,0.65,0.7,0.75,0.8]``;
-writes bench/results/curation-threshold[-quick].json.
+Usage: ``python -m bench.curation_threshold [--quick] [--seeds 0,1] [--thresholds 0.6,0.65,0.7,0.75,0.8]
+[--shingles N]``; writes bench/results/curation-threshold[-shinglesN][-quick].json.
 """
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ from bench.continual import load_data
 from bench.curation import BASE, FILLERS, TEMPLATES, build_streams
 from daemon.corpus import SUITES
 from learners.curation import Candidate, Curator
-from policies.curation import CurationConfig
+from policies.curation import SHINGLE_WORDS, CurationConfig
 
 
-def skipped(stream: list[dict], threshold: float, window: int) -> dict[str, str]:
+def skipped(stream: list[dict], threshold: float, window: int, shingle_words: int = SHINGLE_WORDS) -> dict[str, str]:
     """id -> reason, for each item of ``stream`` the daemon's curation skips at ``threshold``."""
-    curator = Curator(CurationConfig(decisions=("exact", "near", "junk"), threshold=threshold))
+    curator = Curator(CurationConfig(decisions=("exact", "near", "junk"), threshold=threshold,
+                                     shingle_words=shingle_words))
     out = {}
     for k in range(0, len(stream), window):
         part = stream[k:k + window]
@@ -78,12 +79,15 @@ def main(argv=None) -> int:
     ap.add_argument("--thresholds", default="0.6,0.65,0.7,0.75,0.8")
     ap.add_argument("--window", type=int, default=16, help="items judged together (a lineage's window)")
     ap.add_argument("--per-source", type=int, default=160)
+    ap.add_argument("--shingles", type=int, default=SHINGLE_WORDS,
+                    help=f"words per shingle (default {SHINGLE_WORDS}, the daemon's); another writes its own JSON")
     ap.add_argument("--quick", action="store_true", help="a smoke run: one seed, 32 interactions a source")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.per_source = "0", 32
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    doc = {"window": args.window, "per_source": args.per_source, "thresholds": thresholds, "seeds": {},
+    doc = {"window": args.window, "per_source": args.per_source, "shingle_words": args.shingles,
+           "thresholds": thresholds, "seeds": {},
            **commit()}
     for seed in (int(s) for s in args.seeds.split(",")):
         _, polluted, _, _ = build_streams(BASE, TEMPLATES, seed)
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
         for t in thresholds:
             row = rows[str(t)] = {}
             for name, stream in streams.items():
-                skip = skipped(stream, t, args.window)
+                skip = skipped(stream, t, args.window, args.shingles)
                 templates = {r["id"].split("-near")[0] for r in stream if "-near" in r["id"]}
                 group = [r["id"] for r in stream if r["id"].split("-near")[0] in templates]
                 others = [r for r in stream if r["id"] not in templates and "-near" not in r["id"]
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
             print(f"seed {seed} threshold {t}: " + "; ".join(
                 f"{n}: learned {r['group_learned']} of {r['group_items']} items of {r['templates']} templates, "
                 f"others skipped {r['clean_skipped_near']}/{r['clean']}" for n, r in row.items()), flush=True)
-    write_json(f"curation-threshold{'-quick' if args.quick else ''}.json", doc)
+    suffix = ("" if args.shingles == SHINGLE_WORDS else f"-shingles{args.shingles}") + ("-quick" if args.quick else "")
+    write_json(f"curation-threshold{suffix}.json", doc)
     print(markdown_table(doc))
     return 0
 

@@ -213,11 +213,15 @@ def run_keep(keep: float, spec, tok, data: dict, seq: int, heal_steps: int, work
     return out
 
 
-def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: int, heal_steps: int) -> list[dict]:
+def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: int, heal_steps: int,
+                    mlp_item_passes: int | None = None) -> list[dict]:
     """The target-domain method at ``keep`` with the first ``n`` of the lineage's items for importance,
     allocation, reconstruction and healing, for each ``n`` in ``sizes`` (the first ``n`` = the 176 of the
-    keep table; the rest are further Python items from other documents than the held-out ones)."""
-    from learners.reduction import mlp_epochs
+    keep table; the rest are further Python items from other documents than the held-out ones), the MLP
+    training given ``mlp_item_passes`` (default: the daemon's budget)."""
+    from learners.reduction import MLP_ITEM_PASSES, mlp_epochs
+
+    passes = MLP_ITEM_PASSES if mlp_item_passes is None else mlp_item_passes
 
     own = data["train"] + data["calib"]
     seen = {(e.prompt, e.response) for e in own}
@@ -227,10 +231,10 @@ def run_calibration(sizes: list[int], keep: float, spec, tok, data: dict, seq: i
     rows = []
     for n in sizes:
         items = pool[:n]
-        red = reduce_once(spec, tok, data, seq, keep, heal_steps, items, heal_items=items)
+        red = reduce_once(spec, tok, data, seq, keep, heal_steps, items, heal_items=items, mlp_item_passes=passes)
         (t,) = red.record.tries
         row = {"items": len(items), "plan": t.plan, **stages(t), **commit(), "refit_kept": t.refit_kept,
-               "reconstruction_kept": t.reconstruction_kept, "mlp_epochs": mlp_epochs(len(items)),
+               "reconstruction_kept": t.reconstruction_kept, "mlp_epochs": mlp_epochs(len(items), passes),
                "prune_seconds": t.seconds["prune"],  # importance, allocation and refit; reconstruct_seconds includes it
                "reconstruct_seconds": t.seconds["prune"] + t.seconds["reconstruct"], "heal_seconds": t.seconds["heal"]}
         print(f"  calibration {len(items)} items ({t.plan}): ppl target / other "
@@ -376,6 +380,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-cascade", action="store_true")
     ap.add_argument("--cascade-only", action="store_true", help="only the cascade, added to an earlier run's JSON")
     ap.add_argument("--calibration", help="item counts for the calibration study (default 176,600; quick 24,48)")
+    ap.add_argument("--mlp-item-passes", type=int,
+                    help="the calibration study's MLP training budget in items (default: the daemon's, 2048)")
     ap.add_argument("--calibration-only", action="store_true",
                     help="only the calibration study, merged into an earlier run's JSON (a row per item count and MLP epochs)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -420,7 +426,7 @@ def main(argv=None) -> int:
         path = RESULTS / f"reduction{suffix}.json"
         doc = json.loads(path.read_text())
         keep = keeps[len(keeps) // 2]
-        rows = run_calibration(sizes, keep, spec, tok, data, seq, heal_steps)
+        rows = run_calibration(sizes, keep, spec, tok, data, seq, heal_steps, args.mlp_item_passes)
         earlier = doc.get("calibration") or {}
         if earlier.get("keep") == keep:  # a row per item count and MLP epochs: new ones replace, the rest stay
             measured = {(r["items"], r["mlp_epochs"]) for r in rows}
@@ -447,7 +453,8 @@ def main(argv=None) -> int:
         doc["keeps"][str(keep)] = run_keep(keep, spec, tok, data, seq, heal_steps, work)
         save()
     keep = keeps[len(keeps) // 2]
-    doc["calibration"] = {"keep": keep, "rows": run_calibration(sizes, keep, spec, tok, data, seq, heal_steps)}
+    doc["calibration"] = {"keep": keep, "rows": run_calibration(sizes, keep, spec, tok, data, seq, heal_steps,
+                                                                          args.mlp_item_passes)}
     save()
 
     del spec

@@ -229,8 +229,9 @@ class LineageWorker:
 
     def _reload_curation(self) -> None:
         cfg, live = self.curator.cfg, self.dir.live_target()
-        self.curator.index = (ContentIndex.load(live, cfg.capacity, cfg.num_perm, cfg.threshold) if live is not None
-                              else ContentIndex(cfg.capacity, cfg.num_perm, cfg.threshold))
+        self.curator.index = (ContentIndex.load(live, cfg.capacity, cfg.num_perm, cfg.threshold, cfg.shingle_words)
+                              if live is not None
+                              else ContentIndex(cfg.capacity, cfg.num_perm, cfg.threshold, cfg.shingle_words))
 
     def _learn(self, interactions: Sequence[Interaction]) -> LearnReport:
         t0 = time.perf_counter()

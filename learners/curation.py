@@ -27,8 +27,8 @@ from typing import Sequence
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from policies.curation import (CurationConfig, JunkLimits, Skip, content_key, exact_duplicate, flood, junk, loss_band,
-                               near_duplicate, quotas, shingles, text_stats)
+from policies.curation import (SHINGLE_WORDS, CurationConfig, JunkLimits, Skip, content_key, exact_duplicate, flood,
+                               junk, loss_band, near_duplicate, quotas, shingles, text_stats)
 
 log = logging.getLogger("cascade.curation")
 SCHEME = "affine32"  # datasketch's 32-bit scheme: values fit uint32, halving what is stored
@@ -55,10 +55,12 @@ def content_hash(prompt: str, response: str) -> str:
 
 
 class ContentIndex:
-    def __init__(self, capacity: int, num_perm: int = 128, threshold: float = 0.8) -> None:
+    def __init__(self, capacity: int, num_perm: int = 128, threshold: float = 0.8,
+                 shingle_words: int = SHINGLE_WORDS) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.capacity, self.num_perm, self.threshold = capacity, num_perm, threshold
+        self.shingle_words = shingle_words
         self.permutations = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
         self._exact: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._near: collections.OrderedDict[str, MinHash] = collections.OrderedDict()
@@ -77,7 +79,7 @@ class ContentIndex:
 
     def minhash(self, prompt: str, response: str) -> MinHash:
         m = MinHash(num_perm=self.num_perm, seed=SEED, permutations=self.permutations, scheme=SCHEME)
-        m.update_batch(shingles(prompt, response))
+        m.update_batch(shingles(prompt, response, self.shingle_words))
         return m
 
     def exact_seen(self, digest: str) -> bool:
@@ -109,7 +111,7 @@ class ContentIndex:
     # -- persistence: JSON + one safetensors tensor -------------------------------------------------
     def to_json(self) -> dict:
         return {"capacity": self.capacity, "num_perm": self.num_perm, "threshold": self.threshold,
-                "scheme": SCHEME, "next": self._next, "exact": list(self._exact), "near": list(self._near)}
+                "shingle_words": self.shingle_words, "scheme": SCHEME, "next": self._next, "exact": list(self._exact), "near": list(self._near)}
 
     def tensors(self) -> dict[str, np.ndarray]:
         rows = [m.hashvalues.astype(np.uint32) for m in self._near.values()]
@@ -125,14 +127,16 @@ class ContentIndex:
         return self.to_json()
 
     @classmethod
-    def load(cls, directory: Path, capacity: int, num_perm: int, threshold: float) -> "ContentIndex":
+    def load(cls, directory: Path, capacity: int, num_perm: int, threshold: float,
+             shingle_words: int = SHINGLE_WORDS) -> "ContentIndex":
         """The index a checkpoint holds (an empty one where it holds none). Hashes made with another
-        ``num_perm`` cannot be compared with new ones: that half starts empty, the exact half is kept."""
+        ``num_perm`` or shingle size cannot be compared with new ones: that half starts empty, the exact
+        half is kept."""
         import json
 
         from safetensors.numpy import load_file
 
-        idx = cls(capacity, num_perm, threshold)
+        idx = cls(capacity, num_perm, threshold, shingle_words)
         meta_path, tensor_path = Path(directory) / "curation.json", Path(directory) / "curation.safetensors"
         if not meta_path.is_file():
             return idx
@@ -141,9 +145,10 @@ class ContentIndex:
             idx._exact[str(digest)] = None
         idx._next = int(d.get("next", 0))
         keys = [str(k) for k in d.get("near", [])]
-        if int(d.get("num_perm", num_perm)) != num_perm or d.get("scheme") != SCHEME:
-            log.warning("curation index in %s was made with num_perm=%s: its near-duplicate half starts empty",
-                        directory, d.get("num_perm"))
+        made = (int(d.get("num_perm", num_perm)), int(d.get("shingle_words", SHINGLE_WORDS)), d.get("scheme"))
+        if made != (num_perm, shingle_words, SCHEME):
+            log.warning("curation index in %s was made with num_perm=%s, shingles of %s words: its near-duplicate "
+                        "half starts empty", directory, made[0], made[1])
             return idx
         if keys and tensor_path.is_file():
             matrix = load_file(str(tensor_path))[TENSOR]
@@ -160,7 +165,7 @@ class ContentIndex:
 class Curator:
     def __init__(self, config: CurationConfig, index: ContentIndex | None = None) -> None:
         self.cfg = config
-        self.index = index or ContentIndex(config.capacity, config.num_perm, config.threshold)
+        self.index = index or ContentIndex(config.capacity, config.num_perm, config.threshold, config.shingle_words)
 
     @property
     def enabled(self) -> bool:

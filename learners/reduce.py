@@ -34,8 +34,8 @@ from learners._compat import ensure_torchvision_importable
 ensure_torchvision_importable()  # before transformers imports torchvision
 
 from learners.data import Example
-from learners.reduction import (Importance, activation_importance, count_parameters, heal, kept_blocks,
-                                magnitude_importance, prune, random_importance, reconstruct, regrow)
+from learners.reduction import (MLP_ITEM_PASSES, Importance, activation_importance, count_parameters, heal,
+                                kept_blocks, magnitude_importance, prune, random_importance, reconstruct, regrow)
 from learners.update import evaluate_loss
 from learners.vocab import kept_token_ids, token_counts, trim_vocabulary
 from policies.reduction import ModelShape, ReductionPlan, ReductionPolicy, plan_candidates
@@ -71,6 +71,7 @@ class Switches:
     importance: Literal["activation", "magnitude", "random"] = "activation"
     refit: Auto = "auto"
     reconstruct: Auto = "auto"
+    mlp_item_passes: int = MLP_ITEM_PASSES  # items each pruned MLP trains on, over its epochs (0: no training)
     plan: ReductionPlan | None = None  # a fixed allocation instead of measuring the candidates
     regrow: float = 0.0  # share of the pruned MLP width given back as fresh units (learners.reduction.regrow)
     on_heal_step: Callable[[object, int, int, float], None] | None = None  # (student, step, steps, kl)
@@ -225,7 +226,8 @@ def reduce(teacher, tokenizer, data: ReductionData, policy: ReductionPolicy, sw:
         ppl_reconstructed, reconstruction_kept = None, None
         if sw.reconstruct != "off":
             cut = {k: v.clone() for k, v in student.state_dict().items()}
-            reconstruct(student, teacher, kept_blocks(importance, plan.layers), data.calibration, tokenizer, seq, bs)
+            reconstruct(student, teacher, kept_blocks(importance, plan.layers), data.calibration, tokenizer, seq, bs,
+                        mlp_item_passes=sw.mlp_item_passes)
             ppl_reconstructed, watch["reconstructed"] = ppl(student, data.gate), ppl(student, data.watch)
             reconstruction_kept = sw.reconstruct == "on" or worst(ppl_reconstructed) <= worst(ppl_pruned)
             if not reconstruction_kept:

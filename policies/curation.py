@@ -129,6 +129,7 @@ class CurationConfig:
     capacity: int = 10_000  # exact hashes and MinHashes kept per lineage (each)
     num_perm: int = 128  # MinHash permutations
     threshold: float = 0.7  # estimated Jaccard similarity at which content is a near-duplicate (bench/curation_threshold)
+    shingle_words: int = SHINGLE_WORDS  # words per shingle of the near-duplicate MinHash
     fair_share: float = 0.5  # largest share of a window one source may take while others share it
     loss_low: float = 0.05  # nats/token under which a response is already known
     loss_high: float = 9.0  # nats/token over which a response is noise to the model

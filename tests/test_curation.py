@@ -99,9 +99,11 @@ def test_the_index_survives_a_round_trip_through_json_and_safetensors(tmp_path):
     assert len(back) == 20 and back.exact_seen("h7")
     probe = back.minhash("Q7", f"{EDITED} Variant 7.")
     assert back.similarity(probe) == idx.similarity(probe) > 0.8
-    # A smaller capacity keeps the newest; another num_perm cannot compare: that half starts empty.
+    # A smaller capacity keeps the newest; another num_perm or shingle size cannot compare: that half starts empty.
     assert len(ContentIndex.load(tmp_path, 5, 128, 0.8)) == 5
     other = ContentIndex.load(tmp_path, 100, 64, 0.8)
+    assert len(other) == 0 and other.exact_seen("h7")
+    other = ContentIndex.load(tmp_path, 100, 128, 0.8, shingle_words=2)
     assert len(other) == 0 and other.exact_seen("h7")
 
 
