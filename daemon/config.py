@@ -138,7 +138,7 @@ class Settings(BaseSettings):
                                    "and near-duplicate checks remember (each; the oldest forgotten first; 512 bytes "
                                    "of MinHash an item at num_perm 128)", json_schema_extra=TUNING)
     curation_threshold: float = Field(_C.threshold, ge=0.3, le=1.0, description="estimated Jaccard similarity of word "
-                                      "3-gram shingles at which an interaction is a near-duplicate",
+                                      "pairs (2-gram shingles) at which an interaction is a near-duplicate",
                                       json_schema_extra=TUNING)
     curation_num_perm: int = Field(_C.num_perm, ge=16, le=1024, description="MinHash permutations (more: a finer "
                                    "similarity estimate, more time and memory per item)", json_schema_extra=TUNING)

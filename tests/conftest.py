@@ -103,9 +103,10 @@ def settings_env(home: Path, base: Path, redis_url: str, **extra) -> dict[str, s
         "CASCADE_LEARNING_RATE": "0.003", "CASCADE_REDUCE_EVERY": "0", "CASCADE_HEAL_STEPS": "4",
         "CASCADE_REDUCE_BUDGET": "3.0", "CASCADE_CLAIM_IDLE_MS": "2000", "CASCADE_READ_BLOCK_MS": "200",
         "CASCADE_SERVE": "off",  # the API only where a test asks for it (serve="on", on a free port)
-        # The fate-counting tests' catalog items ("Item i has colour c and weight w kg.") are 0.6 Jaccard apart
-        # by construction; at the default 0.7, MinHash's noise (128 permutations) skips a few of 200 as near
-        # duplicates. These tests count learned + held out; they run at 0.8, where none is skipped.
+        # The fate-counting tests' catalog items ("Item i has colour c and weight w kg.") are at most 0.6 (word
+        # 3-grams) or 0.64 (word pairs, the default) Jaccard apart by construction; at 0.7 with 3-grams, MinHash's
+        # noise (128 permutations) skipped 3 of 200 as near duplicates. These tests count learned + held out;
+        # they run at 0.8, where none is skipped.
         "CASCADE_CURATION_THRESHOLD": "0.8",
     })
     env.update({f"CASCADE_{k.upper()}": str(v) for k, v in extra.items()})

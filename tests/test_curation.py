@@ -11,8 +11,8 @@ from daemon.lineage import LineageWorker
 from daemon.registry import Registry
 from daemon.schema import Interaction
 from learners.curation import Candidate, ContentIndex, Curator
-from policies.curation import (CurationConfig, JunkLimits, content_key, flood, junk, loss_band, near_duplicate, parse_decisions,
-                               quotas, shingles, text_stats, words)
+from policies.curation import (SHINGLE_WORDS, CurationConfig, JunkLimits, content_key, flood, junk, loss_band, near_duplicate,
+                               parse_decisions, quotas, shingles, text_stats, words)
 from tests.test_registry import settings
 
 TEXT = ("The consumer group is created from id 0 when it is absent, and an entry is acknowledged only when "
@@ -73,9 +73,9 @@ def test_near_duplicate_flood_and_loss_band_on_numbers():
 
 
 def test_short_texts_are_one_shingle():
-    assert shingles("Hi", " there.") == [b"hi \x1f there"]
-    assert set(shingles("2+2=", " 4")) == {b"2 2 \x1f", b"2 \x1f 4"}
-    assert len(shingles("", TEXT)) == len(words(TEXT)) - 1  # "\x1f" and the words, in 3-grams
+    assert shingles("Hi", "") == [b"hi \x1f"] and shingles("Hi", " there.", n=3) == [b"hi \x1f there"]
+    assert set(shingles("2+2=", " 4")) == {b"2 2", b"2 \x1f", b"\x1f 4"}
+    assert len(shingles("", TEXT)) == len(words(TEXT))  # "\x1f" and the words, in word pairs
 
 
 # -- the index ----------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_the_index_survives_a_round_trip_through_json_and_safetensors(tmp_path):
     assert len(ContentIndex.load(tmp_path, 5, 128, 0.8)) == 5
     other = ContentIndex.load(tmp_path, 100, 64, 0.8)
     assert len(other) == 0 and other.exact_seen("h7")
-    other = ContentIndex.load(tmp_path, 100, 128, 0.8, shingle_words=2)
+    other = ContentIndex.load(tmp_path, 100, 128, 0.8, shingle_words=SHINGLE_WORDS + 1)
     assert len(other) == 0 and other.exact_seen("h7")
 
 
