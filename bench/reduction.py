@@ -383,7 +383,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mlp-item-passes", type=int,
                     help="the calibration study's MLP training budget in items (default: the daemon's, 2048)")
     ap.add_argument("--calibration-only", action="store_true",
-                    help="only the calibration study, merged into an earlier run's JSON (a row per item count and MLP epochs)")
+                    help="only the calibration study, merged into an earlier run's JSON "
+                         "(a row per item count and MLP epochs)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--table", metavar="JSON", help="only print the README tables of an earlier run")
     args = ap.parse_args(argv)

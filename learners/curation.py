@@ -111,7 +111,8 @@ class ContentIndex:
     # -- persistence: JSON + one safetensors tensor -------------------------------------------------
     def to_json(self) -> dict:
         return {"capacity": self.capacity, "num_perm": self.num_perm, "threshold": self.threshold,
-                "shingle_words": self.shingle_words, "scheme": SCHEME, "next": self._next, "exact": list(self._exact), "near": list(self._near)}
+                "shingle_words": self.shingle_words, "scheme": SCHEME, "next": self._next,
+                "exact": list(self._exact), "near": list(self._near)}
 
     def tensors(self) -> dict[str, np.ndarray]:
         rows = [m.hashvalues.astype(np.uint32) for m in self._near.values()]
