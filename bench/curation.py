@@ -9,10 +9,14 @@ Rust, C; ``bench/continual.py`` ``load_data``), as production traffic arrives:
   prompt and one of its response replaced (a template filled in again);
 * **junk** (10%): markup soup, random bytes made valid UTF-8, one phrase repeated.
 
-Configurations (each a fresh daemon at the defaults of ``bench.continual``'s ``default``; the stream is
-shuffled once and published in four parts, the held-out loss of every source measured after each):
+Configurations (each a fresh daemon at the defaults of ``bench.continual``'s ``default``; the clean
+items are shuffled once, the pollution inserted between them, and each stream published in four parts,
+the held-out loss of every source measured after each):
 
 * ``clean``        - the clean items alone, ``CASCADE_CURATION=none`` (the reference);
+* ``clean-reshuffled`` - the same items in another order: how far order alone moves the figures, the
+  noise floor the 2% target is read against (the polluted stream keeps the clean items' order, its
+  pollution inserted between them);
 * ``uncurated``    - the polluted stream, ``CASCADE_CURATION=none`` (today's behaviour without curation);
 * ``curated``      - the polluted stream at the default curation (exact, near, junk);
 * ``curated+fair`` - the same with the per-source share (``fair``) on.
@@ -87,10 +91,19 @@ def build_streams(base: int, templates: int, seed: int) -> tuple[list[dict], lis
     total = round(len(clean) / (1 - NEAR_SHARE - JUNK_SHARE))
     picked = rng.sample(clean, templates)
     near = [near_copy(picked[i % templates], rng, i) for i in range(round(NEAR_SHARE * total))]
-    polluted = clean + near + junk_items(total - len(clean) - len(near), rng, domains)
+    pollution = near + junk_items(total - len(clean) - len(near), rng, domains)
     random.Random(seed).shuffle(clean)
-    random.Random(seed + 1).shuffle(polluted)
-    return clean, polluted, held, domains
+    random.Random(seed + 1).shuffle(pollution)
+    return clean, interleave(clean, pollution, random.Random(seed + 2)), held, domains
+
+
+def interleave(clean: list[dict], pollution: list[dict], rng: random.Random) -> list[dict]:
+    """The pollution inserted at random places of the clean stream, the clean items' order kept: what the
+    polluted and the clean runs learn of the clean items then differs by what the pollution does, not by
+    the order the items come in (``clean-reshuffled`` measures what order alone does)."""
+    at = set(rng.sample(range(len(clean) + len(pollution)), len(pollution)))
+    rest_clean, rest_pollution = iter(clean), iter(pollution)
+    return [next(rest_pollution) if i in at else next(rest_clean) for i in range(len(clean) + len(pollution))]
 
 
 def run(name: str, settings: dict, stream: list[dict], held: dict, work: Path, seq: int) -> dict:
@@ -127,6 +140,8 @@ def verdict(configs: dict) -> dict:
         out["curated_steps_saved"] = 1 - k["update_steps"] / max(1, u["update_steps"])
     if c and u:
         out["uncurated_ppl_vs_clean"] = u["avg_final_ppl"] / c["avg_final_ppl"]
+    if c and configs.get("clean-reshuffled"):
+        out["reshuffled_ppl_vs_clean"] = configs["clean-reshuffled"]["avg_final_ppl"] / c["avg_final_ppl"]
     return out
 
 
@@ -145,7 +160,7 @@ def markdown_table(doc: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run: a few items a source")
-    ap.add_argument("--configs", default="clean,uncurated,curated,curated+fair")
+    ap.add_argument("--configs", default="clean,clean-reshuffled,uncurated,curated,curated+fair")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--update", action="store_true",
                     help="keep the configurations of the existing JSON that --configs does not rerun")
@@ -155,7 +170,9 @@ def main(argv=None) -> int:
     common = {"base_model": str(foundation()), "max_seq_len": seq, "learning_rate": LEARNING_RATE, "reduce_every": 0,
               "window_steps": 4, "metrics_port": 0, "seed": args.seed,
               "batch_size": NEW_PER_STEP + REPLAYED_PER_STEP}
+    reshuffled = random.Random(args.seed + 3).sample(clean, len(clean))
     configs = {"clean": ({**common, "curation": "none"}, clean),
+               "clean-reshuffled": ({**common, "curation": "none"}, reshuffled),
                "uncurated": ({**common, "curation": "none"}, polluted),
                "curated": (common, polluted),
                "curated+fair": ({**common, "curation": "exact,near,junk,fair"}, polluted)}
