@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,12 +54,14 @@ FILLERS = ("value", "system", "file", "result", "option", "number", "user", "def
 
 
 def near_copy(rec: dict, rng: random.Random, n: int) -> dict:
-    """``rec`` with one word of its prompt and one of its response replaced by a filler word."""
+    """``rec`` with one word of its prompt and one of its response (a run of non-space characters, the
+    whitespace around it kept) replaced by a filler word."""
     def swap(text: str) -> str:
-        words = text.split(" ")
-        i = rng.randrange(len(words))
-        words[i] = rng.choice(FILLERS)
-        return " ".join(words)
+        words = list(re.finditer(r"\S+", text))
+        if not words:
+            return rng.choice(FILLERS)
+        w = rng.choice(words)
+        return text[:w.start()] + rng.choice(FILLERS) + text[w.end():]
 
     return {**rec, "id": f"{rec['id']}-near{n}", "prompt": swap(rec["prompt"]), "response": swap(rec["response"])}
 
