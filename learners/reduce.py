@@ -6,7 +6,8 @@ measures is by construction what the daemon runs. Read top to bottom, for each k
 offers (``policy.keeps()``, backing off when a try fails its gate):
 
 1. **allocation**: every way ``plan_candidates`` spends the budget (MLP width / KV groups / depth) is
-   pruned and measured on a probe of the calibration items; the lowest loss wins;
+   pruned and measured on a probe of the calibration items (half of them, at most
+   ``ALLOCATION_PROBE_ITEMS``); the lowest loss wins;
 2. **refit**: the winner is pruned with the least-squares refit of ``down_proj`` / ``o_proj``
    (:func:`learners.reduction.prune` with Gram matrices) and without; the refit is kept only where
    the gate sets agree (it fits the calibration items and can overfit a few of them);
@@ -164,6 +165,12 @@ class ReductionRecord:
         }
 
 
+# The allocation probe ranks five pruned candidates measured on the same items, which differ by tenths of a
+# nat (SmolLM2, keep 0.6: 2.64 against 2.72 and more); the daemon's default calibration (256 items) has
+# always ranked them on 128. Uncapped, 1,900 calibration items made a probe of 950 that took 4-5 minutes a
+# candidate on 2 cores (py-spy samples of bench/reduction --calibration 1900), the cost of an MLP epoch.
+ALLOCATION_PROBE_ITEMS = 128
+
 IMPORTANCE_TEXT = {
     "activation": "activations on the lineage's replay + recent data: MLP neuron RMS x down_proj column norm, "
                   "KV group RMS head output, block 1 - cos(input, output)",
@@ -201,7 +208,7 @@ def reduce(teacher, tokenizer, data: ReductionData, policy: ReductionPolicy, sw:
                           watch_before=ppl(teacher, data.watch))
     importance = _importance(teacher, tokenizer, data.calibration, sw)
     plain_importance = replace(importance, mlp_gram=None, attn_gram=None)
-    probe = data.calibration[: max(8, len(data.calibration) // 2)]
+    probe = data.calibration[: min(ALLOCATION_PROBE_ITEMS, max(8, len(data.calibration) // 2))]
     chosen = None
     for keep in policy.keeps():
         t0 = time.monotonic()
