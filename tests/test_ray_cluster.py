@@ -88,11 +88,14 @@ def publish(r: redis.Redis, numbers: range) -> None:
         r.xadd(STREAM, {"prompt": f"Item {i} is", "response": f" number {i % 3}."})
 
 
-def start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, ray_address: str, wait: bool = True):
+def start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, ray_address: str, wait: bool = True,
+                 startup_timeout: float | None = None):
     """A daemon joining the cluster; learners declare 2 CPUs, which only the worker node has (the head
     has 1), as on KubeRay's head."""
     env = settings_env(tmp_path / "home", tiny_model, redis_url, ray_address=ray_address, learner_cpus=2)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if startup_timeout is not None:
+        env["CASCADE_STARTUP_TIMEOUT"] = str(startup_timeout)
     d = daemon_factory(env)
     if wait:
         d.wait_healthy()
@@ -137,12 +140,15 @@ def test_daemon_drives_the_cluster_through_ray_client(tmp_path, tiny_model, redi
     """As deploy/kuberay/cascade.yaml runs it: the daemon outside the cluster, CASCADE_RAY_ADDRESS=ray://...,
     started before the cluster answers (as a pod may be): it tries again until the cluster is up."""
     port = free_port()
-    d, r = start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, f"ray://127.0.0.1:{port}", wait=False)
+    # Room for several tries once the cluster is up: on two busy cores Ray Client's per-client server
+    # failed to start twice in a row in CI (a zombie of the first, timed-out try), with 45 s of 120 left.
+    d, r = start_daemon(tmp_path, tiny_model, redis_url, daemon_factory, f"ray://127.0.0.1:{port}", wait=False,
+                        startup_timeout=360)
     wait_for(lambda: "could not join the Ray cluster" in d.log.read_text(), "the daemon's first failed try", 120)
     assert d.proc.poll() is None
     ray_cluster = RayCluster(tmp_path / "ray-cluster.log", client_port=port)
     try:
-        d.wait_healthy()
+        d.wait_healthy(timeout=360)
         publish(r, range(16))
         wait_drained(r, STREAM, GROUP, proc=d)
         actors, _ = ray_cluster.actors()
