@@ -76,6 +76,17 @@ def test_the_continual_targets_compare_default_with_naive_and_joint(tmp_path):
     rows = targets(tmp_path.glob("*.json")).splitlines()[2:]
     assert "| continual-unlike-reverse-s0-n160.json | 0.25 | 1.000 | 1.100* |" in rows[1]
     assert "| continual-unlike-reverse-s0.json | 0.25 | 1.000 | - |" in rows[2]
+    # The related suite's forward order at seed 0 has the short name; it is still the reverse order's twin.
+    related = {"domains": ["c", "d"], "foundation_loss": [2.0, 3.0]}
+    (tmp_path / "continual-h0.1.json").write_text(json.dumps({**related, "configs": {
+        "naive": res(0.4, [1.0, 2.0], 14.0), "default": res(0.1, [1.0, 2.0], 12.6), "joint": res(0, [], 12.0)}}))
+    (tmp_path / "continual-related-reverse-s0-h0.1.json").write_text(json.dumps({
+        "domains": ["d", "c"], "foundation_loss": [3.0, 2.0], "configs": {
+            "naive": res(0.4, [2.0, 1.0], 14.0), "default": res(0.1, [2.0, 1.0], 12.0)}}))
+    rows = targets(tmp_path.glob("*.json")).splitlines()[2:]
+    assert any(r.startswith("| related | forward | 0 | continual-h0.1.json |") and "| 1.050 |" in r for r in rows)
+    assert any(r.startswith("| related | reverse | 0 | continual-related-reverse-s0-h0.1.json |")
+               and "| 1.000* |" in r for r in rows)
 
 
 def test_make_bench_runs_every_benchmark_and_its_smoke_runs_keep_the_suite():
